@@ -1,0 +1,122 @@
+"""The result of an explanation: raw and scaled maps, what was explained, and pictures of it."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+
+from heatlens.targets import NO_CLASS
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Maps for a batch of ``B`` inputs and what they explain.
+
+    Attributes:
+        maps: ``(B, *input_spatial)`` float32 in [0, 1] at the input's resolution: the raw map after
+            the method's visible post-processing (ReLU for CAMs, upsampling, min-max scaling,
+            fusion of several layers). A constant map is all zeros.
+        raw_by_layer: for each layer, the signed, unscaled ``(B, *feature_spatial)`` map at the
+            layer's own resolution, before any ReLU.
+        targets: ``(B,)`` long, the class explained per image (``-1`` where the target has none).
+        scores: ``(B,)`` the target score per image (the value whose evidence is shown).
+        probabilities: ``(B,)`` softmax probability of the target class, where the model returns
+            ``(B, num_classes)`` scores and the target is a class; otherwise ``None``.
+        layers: the resolved layer names, in order.
+        method: the method's registry name.
+        layer_reason: how the layers were chosen (for ``layer="auto"``: which and why).
+        output: the model's score tensor for the batch, detached.
+    """
+
+    maps: Tensor
+    raw_by_layer: dict[str, Tensor]
+    targets: Tensor
+    scores: Tensor
+    probabilities: Tensor | None
+    layers: tuple[str, ...]
+    method: str
+    layer_reason: str = ""
+    output: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def raw(self) -> Tensor | tuple[Tensor, ...]:
+        """The signed unscaled map at feature resolution; a tuple in ``layers`` order when the
+        explanation used several layers (their resolutions differ)."""
+        maps = tuple(self.raw_by_layer[name] for name in self.layers)
+        return maps[0] if len(maps) == 1 else maps
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+    def title(self, index: int = 0, labels: Sequence[str] | None = None) -> str:
+        """A one-line caption: method, class (label where known) and probability or score."""
+        cls = int(self.targets[index])
+        parts = [self.method]
+        if cls != NO_CLASS:
+            known = labels is not None and cls < len(labels)
+            parts.append(labels[cls] if known else f"class {cls}")
+        if self.probabilities is not None:
+            parts.append(f"{float(self.probabilities[index]):.2f}")
+        else:
+            parts.append(f"score {float(self.scores[index]):.3g}")
+        return " | ".join(parts)
+
+    def _map2d(self, index: int) -> Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} maps")
+        heat = self.maps[index]
+        if heat.ndim != 2:
+            raise ValueError(
+                f"pictures need 2-D maps; this map has shape {tuple(heat.shape)}. "
+                "Use .maps directly for 1-D signals and 3-D volumes"
+            )
+        return heat
+
+    def heatmap(self, index: int = 0, cmap: str = "jet") -> Image.Image:
+        """Map ``index`` coloured with a matplotlib colormap."""
+        from heatlens.viz import colorize
+
+        return Image.fromarray(colorize(self._map2d(index), cmap))
+
+    def overlay(self, image: Any, index: int = 0, alpha: float = 0.5, cmap: str = "jet"
+                ) -> Image.Image:
+        """Map ``index`` blended over ``image`` (PIL image, array or tensor in [0, 1]):
+        ``(1 - alpha) * image + alpha * colormap(map)``, the map resized to the image."""
+        from heatlens.viz import overlay
+
+        return overlay(image, self._map2d(index), alpha=alpha, cmap=cmap)
+
+    def save(self, path: str | Path, image: Any | Sequence[Any] | None = None, *,
+             alpha: float = 0.5, cmap: str = "jet", rows: int = 1,
+             labels: Sequence[str] | None = None) -> Path:
+        """Write a figure of all maps to ``path`` (format from the suffix) and return the path.
+
+        With ``image`` (one image, or one per map) each panel is an overlay; without, the coloured
+        map. Each panel is titled with :meth:`title`.
+        """
+        from heatlens.viz import figure_grid, save_figure
+
+        if image is None:
+            panels = [self.heatmap(i, cmap) for i in range(len(self))]
+        else:
+            images = list(image) if isinstance(image, list | tuple) else [image] * len(self)
+            if len(images) != len(self):
+                raise ValueError(f"got {len(images)} images for {len(self)} maps; pass one per map")
+            panels = [self.overlay(img, i, alpha, cmap) for i, img in enumerate(images)]
+        titles = [self.title(i, labels) for i in range(len(self))]
+        return save_figure(figure_grid(panels, titles, rows=rows), path)
+
+    def _repr_png_(self) -> bytes | None:
+        from heatlens.viz import image_grid
+
+        if self.maps.ndim != 3:
+            return None
+        buffer = io.BytesIO()
+        image_grid([self.heatmap(i) for i in range(len(self))]).save(buffer, format="PNG")
+        return buffer.getvalue()

@@ -1,0 +1,214 @@
+"""Resolve the layer(s) to explain: a dotted name, a module, a list of these, or ``"auto"``.
+
+``"auto"`` runs one probe pass on the first image and picks the last module whose output is a
+spatial feature map ``(B, C, *spatial)`` that the model's output depends on. Normalisation,
+activation, dropout, pooling, padding and identity modules are passed over in favour of the
+module that computes the features (the block or convolution). A module whose input is the model's
+own input (a trunk such as MobileNetV2's ``features``) is descended into, since explaining at it
+would be explaining at the whole network.
+"""
+
+from __future__ import annotations
+
+import difflib
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from heatlens.targets import primary_output
+
+LayerSpec = str | nn.Module | Sequence[str | nn.Module]
+
+_PASSED_OVER = (
+    "torch.nn.modules.activation",
+    "torch.nn.modules.batchnorm",
+    "torch.nn.modules.normalization",
+    "torch.nn.modules.instancenorm",
+    "torch.nn.modules.dropout",
+    "torch.nn.modules.pooling",
+    "torch.nn.modules.padding",
+    "torch.nn.modules.linear",
+    "torch.nn.modules.flatten",
+)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """Resolved layers in the order given, and why they were chosen."""
+
+    names: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    reason: str
+
+    def as_dict(self) -> dict[str, nn.Module]:
+        return dict(zip(self.names, self.modules, strict=True))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A module that produced a spatial feature map in the probe pass."""
+
+    name: str
+    module_type: str
+    shape: tuple[int, ...]
+    output_depends: bool
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    for name, sub in model.named_modules():
+        if sub is module:
+            return name
+    raise ValueError(
+        f"the given {type(module).__name__} is not a submodule of the model; "
+        "pass a module of this model or its dotted name as in model.named_modules()"
+    )
+
+
+def _module_by_name(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"the model has no layer named {name!r}.{hint} "
+            "List the names with `heatlens layers` or heatlens.candidate_layers(model, inputs)."
+        ) from None
+
+
+def _is_spatial(output: Any, inputs: Tensor) -> bool:
+    return (
+        isinstance(output, Tensor)
+        and output.ndim == inputs.ndim
+        and output.shape[0] == inputs.shape[0]
+        and prod(output.shape[2:]) > 1
+    )
+
+
+def _passed_over(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(_PASSED_OVER) or isinstance(module, nn.Identity)
+
+
+def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool]]:
+    """Run the model once on ``sample`` and list the modules with spatial outputs.
+
+    Returns the candidates in the order they finished, and for each whether its input was the
+    model's input tensor itself.
+    """
+    owner = threading.get_ident()
+    finished: list[tuple[str, nn.Module, Tensor, bool]] = []
+    with torch.inference_mode(False):
+        x = sample.detach().clone().requires_grad_(True)
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() == owner and _is_spatial(output, x):
+                takes_input = bool(args) and args[0] is x
+                finished.append((name, module, output, takes_input))
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            out = primary_output(model(x))
+            total = out.float().sum()
+            acts = [act for _, _, act, _ in finished]
+            tracked = [i for i, act in enumerate(acts) if act.requires_grad]
+            depends = [False] * len(acts)
+            if tracked and total.requires_grad:
+                grads = torch.autograd.grad(
+                    total, [acts[i] for i in tracked], allow_unused=True
+                )
+                for i, grad in zip(tracked, grads, strict=True):
+                    depends[i] = grad is not None
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = [
+        Candidate(n, type(m).__name__, tuple(a.shape[1:]), d)
+        for (n, m, a, _), d in zip(finished, depends, strict=True)
+    ]
+    return candidates, [t for *_, t in finished]
+
+
+def candidate_layers(model: nn.Module, inputs: Tensor) -> list[Candidate]:
+    """Modules with a spatial output ``(B, C, *spatial)`` on ``inputs``, in the order they ran."""
+    candidates, _ = _probe(model, inputs[:1])
+    seen: set[str] = set()
+    return [c for c in candidates if not (c.name in seen or seen.add(c.name))]
+
+
+def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:
+    """Choose the layer to explain (see the module docstring); returns (name, reason)."""
+    candidates, takes_input = _probe(model, inputs[:1])
+    modules = dict(model.named_modules())
+    usable = [
+        i
+        for i, c in enumerate(candidates)
+        if c.output_depends and not _passed_over(modules[c.name])
+    ]
+    if not usable:
+        raise ValueError(
+            "found no layer with a spatial output (B, C, *spatial) that the prediction depends on; "
+            "pass layer= with a module name (list them with `heatlens layers`)"
+        )
+    chosen = usable[-1]
+    note = ""
+    while takes_input[chosen]:
+        prefix = candidates[chosen].name + "."
+        inner = [i for i in usable if candidates[i].name.startswith(prefix)]
+        if not inner:
+            break
+        note = f"; '{candidates[chosen].name}' spans the network from its input, so its last block"
+        chosen = inner[-1]
+    c = candidates[chosen]
+    reason = (
+        f"'{c.name}' ({c.module_type}, output {c.shape}) is the last module with a spatial feature "
+        f"map that the output depends on{note}"
+    )
+    return c.name, reason
+
+
+_AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def resolve_layers(model: nn.Module, layer: LayerSpec | None, inputs: Tensor) -> LayerChoice:
+    """Turn a layer specification into names and modules, resolving ``"auto"`` once per shape."""
+    if layer is None or (isinstance(layer, str) and layer == "auto"):
+        key = (tuple(inputs.shape[1:]), inputs.dtype, inputs.device.type)
+        per_model = _AUTO_CACHE.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = auto_layer(model, inputs)
+        name, reason = per_model[key]
+        if name not in dict(model.named_modules()):  # the model changed since the probe
+            name, reason = per_model[key] = auto_layer(model, inputs)
+        return LayerChoice((name,), (model.get_submodule(name),), f"auto: {reason}")
+    specs = [layer] if isinstance(layer, str | nn.Module) else list(layer)
+    if not specs:
+        raise ValueError("layer= is an empty list; pass at least one layer or 'auto'")
+    names, modules = [], []
+    for spec in specs:
+        if isinstance(spec, nn.Module):
+            names.append(_name_of(model, spec))
+            modules.append(spec)
+        elif isinstance(spec, str):
+            modules.append(_module_by_name(model, spec))
+            names.append(spec)
+        else:
+            raise TypeError(
+                f"layer must be 'auto', a module name, an nn.Module or a list of these, "
+                f"not {type(spec).__name__}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"layer= names a layer twice: {names}")
+    return LayerChoice(tuple(names), tuple(modules), "given by the caller")

@@ -1,0 +1,63 @@
+"""Visible, explicit steps from a raw map to a picture: ReLU, upsampling, min-max scaling, fusion.
+
+All functions work on a whole batch ``(B, *spatial)`` with any number of spatial dimensions, in
+torch, on the maps' device (DESIGN promises 5 to 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def spatial_dims(t: Tensor, first: int = 2) -> tuple[int, ...]:
+    """The dimensions after batch and channel: ``(2, ..., t.ndim - 1)``."""
+    return tuple(range(first, t.ndim))
+
+
+def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """Resize ``(B, *spatial)`` maps to ``size`` with one (bi/tri)linear ``interpolate`` call
+    (``align_corners=False``, pixel centres aligned)."""
+    size = tuple(int(s) for s in size)
+    if tuple(maps.shape[1:]) == size:
+        return maps
+    if len(size) not in _MODES:
+        raise ValueError(f"cannot upsample maps with {len(size)} spatial dimensions (1 to 3)")
+    return F.interpolate(maps[:, None].float(), size=size, mode=_MODES[len(size)],
+                         align_corners=False)[:, 0]
+
+
+def minmax(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Scale each map to [0, 1]: ``(m - min m) / (max m - min m)``; a constant map becomes zeros."""
+    flat = maps.reshape(maps.shape[0], -1).float()
+    low = flat.amin(dim=1, keepdim=True)
+    span = flat.amax(dim=1, keepdim=True) - low
+    scaled = torch.where(span > eps, (flat - low) / span.clamp_min(eps), torch.zeros_like(flat))
+    return scaled.reshape(maps.shape)
+
+
+def fuse_mean(maps: Sequence[Tensor]) -> Tensor:
+    """Several layers' maps at one size: each min-max scaled, then their mean, scaled again.
+
+    The same aggregation as pytorch-grad-cam uses for several target layers; for one layer it is
+    plain min-max scaling."""
+    return minmax(torch.stack([minmax(m) for m in maps]).mean(dim=0))
+
+
+def fuse_tanh_max(maps: Sequence[Tensor], gamma: float = 2.0) -> Tensor:
+    """LayerCAM's fusion (Jiang et al., IEEE TIP 2021, Sec. III-C): each non-negative map is
+    rescaled as ``tanh(gamma * M / max M)`` (``gamma = 2``) so that shallow layers' small values
+    count, then the element-wise maximum is taken over layers and min-max scaled."""
+    scaled = []
+    for m in maps:
+        peak = m.reshape(m.shape[0], -1).amax(dim=1).clamp_min(1e-12)
+        scaled.append(torch.tanh(gamma * m / peak.reshape(-1, *([1] * (m.ndim - 1)))))
+    return minmax(torch.stack(scaled).amax(dim=0))
+
+
+FUSIONS = {"mean": fuse_mean, "tanh-max": fuse_tanh_max}

@@ -1,0 +1,184 @@
+"""The engine shared by all methods: input checks, layer resolution, capture, targets, maps."""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from heatlens.capture import forward_with_capture, gradients_of
+from heatlens.explanation import Explanation
+from heatlens.layers import LayerSpec, resolve_layers
+from heatlens.maps import FUSIONS, minmax, upsample
+from heatlens.targets import NO_CLASS, BinaryOutput, Target, TargetSpec, as_target, primary_output
+
+
+def as_batch(inputs: Tensor, model: nn.Module) -> Tensor:
+    """Check ``inputs`` and return it as a batch ``(B, C, *spatial)``.
+
+    A single input ``(C, *spatial)`` gains a batch dimension; which case applies is read from the
+    model's first convolution (its number of spatial dimensions), else a 3-D tensor is one image.
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(
+            f"inputs must be a torch.Tensor (B, C, *spatial), not {type(inputs).__name__}; "
+            "load and preprocess images with heatlens.load_image and heatlens.IMAGENET"
+        )
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"inputs must be a preprocessed float tensor, got dtype {inputs.dtype}; "
+            "preprocess images with heatlens.IMAGENET (or your model's own transforms)"
+        )
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    batched_ndim = len(conv.kernel_size) + 2 if conv is not None else 4
+    if inputs.ndim == batched_ndim - 1:
+        return inputs.unsqueeze(0)
+    if inputs.ndim != batched_ndim and conv is not None:
+        raise ValueError(
+            f"inputs have shape {tuple(inputs.shape)}, but the model's first convolution "
+            f"({type(conv).__name__}) takes (B, C, {', '.join(['...'] * (batched_ndim - 2))}) "
+            f"batches of {batched_ndim} dimensions"
+        )
+    if inputs.ndim < 3:
+        raise ValueError(
+            f"inputs have shape {tuple(inputs.shape)}; expected (B, C, *spatial) with at least "
+            "one spatial dimension"
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs hold an empty batch (B = 0)")
+    return inputs
+
+
+def target_probabilities(output: Any, target: Target, classes: Tensor) -> Tensor | None:
+    """Softmax probability of each image's class for ``(B, K)`` scores; sigmoid for a binary
+    output; ``None`` where a probability has no meaning."""
+    try:
+        scores = primary_output(output).detach()
+    except TypeError:
+        return None
+    if isinstance(target, BinaryOutput):
+        return torch.sigmoid(target.score(scores, classes)).float()
+    if scores.ndim == 2 and scores.shape[1] > 1 and bool((classes != NO_CLASS).all()):
+        return scores.float().softmax(dim=1).gather(1, classes[:, None])[:, 0]
+    return None
+
+
+class Explainer(ABC):
+    """A method bound to a model: call it on inputs, get an :class:`Explanation`.
+
+    Holds no hooks and no per-call state between calls, so it can be reused in a loop, shared
+    by threads, and used as a context manager (which releases nothing, as nothing is held).
+    """
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.model = model
+
+    @abstractmethod
+    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
+        """Explain ``inputs`` ``(B, C, *spatial)`` for ``target`` (see :mod:`heatlens.targets`)."""
+
+    def __enter__(self) -> Explainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={type(self.model).__name__})"
+
+
+def _warn_if_training(model: nn.Module) -> None:
+    if model.training:
+        warnings.warn(
+            "the model is in training mode (dropout and batch-norm statistics change the "
+            "prediction); call model.eval() before explaining. heatlens leaves the mode as it is.",
+            stacklevel=3,
+        )
+
+
+class CAMExplainer(Explainer):
+    """Class activation maps from one or more layers' activations (and their gradients).
+
+    A subclass states its math in :meth:`cam`; this class does the rest: resolve the layers,
+    capture activations for one forward pass, take the target scores and their gradients
+    w.r.t. the activations, then ``maps = fusion(upsample(relu(cam)))`` per layer.
+
+    Args:
+        model: any ``nn.Module``; it is left exactly as it was.
+        layer: ``"auto"``, a dotted module name, a module, or a list of these.
+        relu: apply ReLU to the raw map before scaling (the papers' choice) — the raw map in
+            ``Explanation.raw`` stays signed either way.
+        fusion: how several layers combine: ``"mean"`` of the min-max scaled maps, or
+            ``"tanh-max"`` (LayerCAM's). ``None`` picks the method's default.
+    """
+
+    needs_gradients: ClassVar[bool] = True
+    default_fusion: ClassVar[str] = "mean"
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, relu: bool = True,
+                 fusion: str | None = None) -> None:
+        super().__init__(model)
+        self.layer = layer
+        self.relu = relu
+        self.fusion = fusion or self.default_fusion
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, not {self.fusion!r}")
+
+    @abstractmethod
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        """The signed map ``(B, *spatial)`` from activations and gradients ``(B, C, *spatial)``."""
+
+    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
+        x = as_batch(inputs, self.model)
+        _warn_if_training(self.model)
+        choice = resolve_layers(self.model, self.layer, x)
+        goal = as_target(target)
+        captured = forward_with_capture(
+            self.model, x, choice.as_dict(), with_gradients=self.needs_gradients
+        )
+        classes = goal.classes(captured.output, x.shape[0]).to(x.device)
+        acts = [captured.activations[name] for name in choice.names]
+        for name, act in zip(choice.names, acts, strict=True):
+            if act.ndim < 3:
+                raise ValueError(
+                    f"layer {name!r} outputs shape {tuple(act.shape)}, not a feature map "
+                    "(B, C, *spatial); choose an earlier layer (see `heatlens layers`)"
+                )
+        with torch.inference_mode(False), torch.set_grad_enabled(self.needs_gradients):
+            scores = goal.score(captured.output, classes)
+            grads = (
+                gradients_of(scores, acts, choice.names)
+                if self.needs_gradients
+                else [None] * len(acts)
+            )
+        with torch.no_grad():
+            raw = {
+                name: self.cam(act.detach(), grad, classes).float()
+                for name, act, grad in zip(choice.names, acts, grads, strict=True)
+            }
+            size = x.shape[2:]
+            shown = [upsample(m.clamp_min(0) if self.relu else m, size) for m in raw.values()]
+            maps = minmax(shown[0]) if len(shown) == 1 else FUSIONS[self.fusion](shown)
+        try:
+            scores_out = primary_output(captured.output).detach()
+        except TypeError:
+            scores_out = None
+        return Explanation(
+            maps=maps,
+            raw_by_layer=raw,
+            targets=classes,
+            scores=scores.detach(),
+            probabilities=target_probabilities(captured.output, goal, classes),
+            layers=choice.names,
+            method=self.name,
+            layer_reason=choice.reason,
+            output=scores_out,
+        )

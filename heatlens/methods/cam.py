@@ -1,0 +1,209 @@
+"""The class activation map family: each method is how it turns activations ``A`` and gradients
+``G = dy/dA`` (both ``(B, C, *spatial)``) into a signed map ``(B, *spatial)``.
+
+Notation: ``k`` indexes channels, ``ij`` (any number of) spatial positions, ``y`` the target score.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from heatlens.layers import LayerSpec
+from heatlens.maps import spatial_dims
+from heatlens.methods.base import CAMExplainer
+from heatlens.methods.registry import register
+
+
+def _per_channel(weights: Tensor, activations: Tensor) -> Tensor:
+    """``sum_k w_k A^k``: channel weights ``(B, C)`` applied to activations ``(B, C, *spatial)``."""
+    return (weights.reshape(*weights.shape, *[1] * (activations.ndim - 2)) * activations).sum(1)
+
+
+def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` where the denominator is non-zero, else 0."""
+    nonzero = denominator != 0
+    return numerator * nonzero / denominator.where(nonzero, 1.0)
+
+
+@register
+class CAM(CAMExplainer):
+    """CAM (Zhou et al., CVPR 2016, Eq. 2): ``M_c = sum_k w^c_k A^k`` with ``w^c`` the row of the
+    final linear layer for class ``c``.
+
+    Exact only for a head of global average pooling followed by one linear layer; ``fc`` names it
+    (default: the model's last ``nn.Linear``). Needs no gradient. On such a model Grad-CAM equals
+    CAM up to a positive factor.
+    """
+
+    name = "cam"
+    needs_gradients = False
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
+                 fc: str | nn.Module | None = None, relu: bool = True,
+                 fusion: str | None = None) -> None:
+        super().__init__(model, layer, relu=relu, fusion=fusion)
+        if isinstance(fc, str):
+            fc = model.get_submodule(fc)
+        if fc is None:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            fc = linears[-1] if linears else None
+        if not isinstance(fc, nn.Linear):
+            raise ValueError(
+                "CAM needs a head of global average pooling followed by one nn.Linear layer, and "
+                "this model has no nn.Linear (pass fc= to name it). Grad-CAM works on any model "
+                "and equals CAM on those that have such a head: use method='gradcam'."
+            )
+        self.fc = fc
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        channels = activations.shape[1]
+        if self.fc.in_features != channels:
+            raise ValueError(
+                f"CAM needs the linear layer to read the pooled {channels} channels of the layer "
+                f"explained, but it takes {self.fc.in_features} features: the head is not global "
+                "average pooling + linear at this layer. Use method='gradcam' instead."
+            )
+        if bool((classes < 0).any()) or bool((classes >= self.fc.out_features).any()):
+            raise ValueError(
+                f"CAM needs class indices in 0..{self.fc.out_features - 1} of the linear layer"
+            )
+        return _per_channel(self.fc.weight[classes].to(activations.dtype), activations)
+
+
+@register
+class GradCAM(CAMExplainer):
+    """Grad-CAM (Selvaraju et al., ICCV 2017, Eq. 1-2):
+    ``alpha_k = mean_ij G^k_ij``, ``M = sum_k alpha_k A^k``."""
+
+    name = "gradcam"
+    aliases = ("grad-cam",)
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        assert gradients is not None
+        return _per_channel(gradients.mean(dim=spatial_dims(gradients)), activations)
+
+
+@register
+class GradCAMPlusPlus(CAMExplainer):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018, Eq. 19, with ``Y = exp(y)``):
+    ``a^k_ij = G_ij^2 / (2 G_ij^2 + sum_ab A^k_ab G_ij^3)`` (0 where the denominator is 0),
+    ``w_k = sum_ij a^k_ij relu(G^k_ij)``, ``M = sum_k w_k A^k``."""
+
+    name = "gradcam++"
+    aliases = ("gradcampp", "gradcamplusplus", "grad-cam++")
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        assert gradients is not None
+        dims = spatial_dims(activations)
+        g2 = gradients.pow(2)
+        g3 = g2 * gradients
+        total = activations.sum(dim=dims, keepdim=True)
+        alpha = _safe_divide(g2, 2 * g2 + total * g3)
+        return _per_channel((alpha * gradients.clamp_min(0)).sum(dim=dims), activations)
+
+
+@register
+class XGradCAM(CAMExplainer):
+    """XGrad-CAM (Fu et al., BMVC 2020, Eq. 15):
+    ``alpha_k = sum_ij (A^k_ij / sum_ab A^k_ab) G^k_ij`` (0 where ``sum_ab A^k_ab = 0``),
+    ``M = sum_k alpha_k A^k``."""
+
+    name = "xgradcam"
+    aliases = ("xgrad-cam",)
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        assert gradients is not None
+        dims = spatial_dims(activations)
+        weights = _safe_divide((gradients * activations).sum(dim=dims), activations.sum(dim=dims))
+        return _per_channel(weights, activations)
+
+
+@register
+class LayerCAM(CAMExplainer):
+    """LayerCAM (Jiang et al., IEEE TIP 2021, Eq. 5-6): ``M = sum_k relu(G^k) * A^k`` element-wise.
+    Several layers fuse by ``tanh(2 M / max M)`` then element-wise maximum (Sec. III-C)."""
+
+    name = "layercam"
+    aliases = ("layer-cam",)
+    default_fusion = "tanh-max"
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        assert gradients is not None
+        return (gradients.clamp_min(0) * activations).sum(dim=1)
+
+
+@register
+class HiResCAM(CAMExplainer):
+    """HiResCAM (Draelos & Carin, 2020, Eq. 3): ``M = sum_k G^k * A^k`` element-wise; faithful
+    to the score for heads of the form pooling + linear."""
+
+    name = "hirescam"
+    aliases = ("hires-cam",)
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        assert gradients is not None
+        return (gradients * activations).sum(dim=1)
+
+
+@register
+class GradCAMElementWise(CAMExplainer):
+    """Grad-CAM element-wise (as in pytorch-grad-cam): ``M = sum_k relu(G^k * A^k)``,
+    HiResCAM with the ReLU inside the channel sum."""
+
+    name = "gradcamelementwise"
+    aliases = ("gradcam-elementwise", "elementwise")
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        assert gradients is not None
+        return (gradients * activations).clamp_min(0).sum(dim=1)
+
+
+def first_principal_component(features: Tensor) -> Tensor:
+    """Projection of each position's channel vector on the first principal component.
+
+    ``features`` ``(B, C, *spatial)`` becomes ``X`` ``(N, C)`` per image (``N`` positions),
+    centred over positions; the map is ``X v_1`` with ``v_1`` the first right singular vector.
+    The sign of ``v_1`` is arbitrary in an SVD; it is fixed so the projection correlates
+    positively with the channel sum ``sum_k A^k`` (the salient region comes out positive), and
+    where that correlation is 0, so its largest-magnitude entry is positive.
+    """
+    flat = features.flatten(2).transpose(1, 2).double()  # (B, N, C)
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    projection = (centred @ vh[:, 0, :, None])[..., 0]  # (B, N)
+    energy = flat.sum(dim=2)
+    agreement = (projection * (energy - energy.mean(dim=1, keepdim=True))).sum(dim=1)
+    peak = projection.gather(1, projection.abs().argmax(dim=1, keepdim=True))[:, 0]
+    sign = torch.where(agreement != 0, agreement.sign(), peak.sign())
+    sign = torch.where(sign == 0, 1.0, sign)
+    return (projection * sign[:, None]).to(features.dtype).reshape(
+        features.shape[0], *features.shape[2:]
+    )
+
+
+@register
+class EigenCAM(CAMExplainer):
+    """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020, Eq. 5): the activations projected on their first
+    principal component. Needs no gradient and no target; the sign is made deterministic (see
+    :func:`first_principal_component`)."""
+
+    name = "eigencam"
+    aliases = ("eigen-cam",)
+    needs_gradients = False
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        return first_principal_component(activations)
+
+
+@register
+class EigenGradCAM(CAMExplainer):
+    """EigenGrad-CAM (as in pytorch-grad-cam): the first principal component of ``G * A``,
+    class-specific through the gradient, sign fixed as in Eigen-CAM."""
+
+    name = "eigengradcam"
+    aliases = ("eigengrad-cam",)
+
+    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        assert gradients is not None
+        return first_principal_component(gradients * activations)
