@@ -10,12 +10,32 @@ attribute of any parameter is touched (promise 1) and the call works inside ``to
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer of the model afterwards when any module is in training mode.
+
+    A forward pass in training mode updates batch-norm running statistics; explaining must not.
+    In eval mode nothing is copied.
+    """
+    if not any(m.training for m in model.modules()):
+        yield
+        return
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,7 @@ def forward_with_capture(
     hands the next layer a clone of the activation, so an in-place operation further on
     (``out += identity`` or ``nn.ReLU(inplace=True)``) cannot change what was recorded.
 
+    Call it outside inference mode (``torch.inference_mode(False)``) with a normal tensor.
     Hooks fire only on the calling thread, so several threads may explain with one shared model at
     the same time. A module called several times in one pass is recorded at its last call.
     """
@@ -71,9 +92,7 @@ def forward_with_capture(
     try:
         for name, module in layers.items():
             handles.append(module.register_forward_hook(make_hook(name)))
-        with torch.inference_mode(False), torch.no_grad():
-            if inputs.is_inference():
-                inputs = inputs.clone()
+        with buffers_kept(model), torch.no_grad():
             output = model(inputs)
     finally:
         for handle in handles:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from heatlens.capture import buffers_kept
 from heatlens.targets import primary_output
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
@@ -117,7 +118,7 @@ def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with buffers_kept(model), torch.inference_mode(False), torch.enable_grad():
             out = primary_output(model(x))
             total = out.float().sum()
             acts = [act for _, _, act, _ in finished]

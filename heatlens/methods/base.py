@@ -79,7 +79,13 @@ class Explainer(ABC):
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-        self.model = model
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError(
+                "this model is scripted (torch.jit): scripted modules do not run the Python hooks "
+                "that capture activations. Explain the eager nn.Module you scripted it from."
+            )
+        # torch.compile wraps the module: explain the module it wraps (same weights, same math).
+        self.model: nn.Module = getattr(model, "_orig_mod", model)
 
     @abstractmethod
     def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
@@ -139,6 +145,10 @@ class CAMExplainer(Explainer):
     def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
         x = as_batch(inputs, self.model)
         _warn_if_training(self.model)
+        with torch.inference_mode(False):  # a no-op unless the caller is in inference mode
+            return self._explain(x.clone() if x.is_inference() else x, target)
+
+    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
         choice = resolve_layers(self.model, self.layer, x)
         goal = as_target(target)
         captured = forward_with_capture(
@@ -152,7 +162,7 @@ class CAMExplainer(Explainer):
                     f"layer {name!r} outputs shape {tuple(act.shape)}, not a feature map "
                     "(B, C, *spatial); choose an earlier layer (see `heatlens layers`)"
                 )
-        with torch.inference_mode(False), torch.set_grad_enabled(self.needs_gradients):
+        with torch.set_grad_enabled(self.needs_gradients):
             scores = goal.score(captured.output, classes)
             grads = (
                 gradients_of(scores, acts, choice.names)
