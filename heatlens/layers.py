@@ -1,11 +1,15 @@
 """Resolve the layer(s) to explain: a dotted name, a module, a list of these, or ``"auto"``.
 
-``"auto"`` runs one probe pass on the first image and picks the last module whose output is a
-spatial feature map ``(B, C, *spatial)`` that the model's output depends on. Normalisation,
-activation, dropout, pooling, padding and identity modules are passed over in favour of the
-module that computes the features (the block or convolution). A module whose input is the model's
-own input (a trunk such as MobileNetV2's ``features``) is descended into, since explaining at it
-would be explaining at the whole network.
+``"auto"`` runs one probe pass on the first image and picks the last block whose output is a
+spatial feature map ``(B, C, *spatial)`` that the model's output depends on: the last module
+that computes features (a block or a convolution; normalisation, activation, dropout, pooling,
+padding and identity modules do not count as blocks), taken after the normalisation and
+activation modules that the model applies to it next (EfficientNet-Lite's ``_conv_head`` is
+followed by ``_bn1`` and the ReLU6 ``_swish``: the map is taken at ``_swish``, where the features
+are what the classifier reads). A module whose input is the model's own input (a trunk such as
+MobileNetV2's ``features``) is descended into, since explaining at it would be explaining at the
+whole network. Chosen this way: torchvision ResNet ``layer4``, MobileNetV2 ``features.18``,
+VGG-11 ``features.19``, EfficientNet-Lite0 ``_swish`` (after ``_conv_head``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ _PASSED_OVER = (
     "torch.nn.modules.linear",
     "torch.nn.modules.flatten",
 )
+
+_FOLLOWERS = _PASSED_OVER[:4]  # activation and normalisation modules
 
 
 @dataclass(frozen=True)
@@ -168,14 +174,28 @@ def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:
         inner = [i for i in usable if candidates[i].name.startswith(prefix)]
         if not inner:
             break
-        note = f"; '{candidates[chosen].name}' spans the network from its input, so its last block"
+        spans = candidates[chosen].name
+        note = f"; chosen inside '{spans}', which spans the network from its input"
         chosen = inner[-1]
-    c = candidates[chosen]
-    reason = (
-        f"'{c.name}' ({c.module_type}, output {c.shape}) is the last module with a spatial feature "
-        f"map that the output depends on{note}"
+    block = candidates[chosen]
+    trailing = [
+        i
+        for i in range(chosen + 1, len(candidates))
+        if candidates[i].output_depends
+        and type(modules[candidates[i].name]).__module__.startswith(_FOLLOWERS)
+    ]
+    if trailing:  # the normalisation and activation applied to the block's output
+        last = candidates[trailing[-1]]
+        return last.name, (
+            f"'{last.name}' ({last.module_type}, output {last.shape}) is the output of "
+            f"'{block.name}' ({block.module_type}) after the normalisation and activation that "
+            f"follow it; '{block.name}' is the last block with a spatial feature map that the "
+            f"output depends on{note}"
+        )
+    return block.name, (
+        f"'{block.name}' ({block.module_type}, output {block.shape}) is the last module with a "
+        f"spatial feature map that the output depends on{note}"
     )
-    return c.name, reason
 
 
 _AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[str, str]]] = (
