@@ -44,8 +44,10 @@ def minmax(maps: Tensor, eps: float = 1e-12) -> Tensor:
 def fuse_mean(maps: Sequence[Tensor]) -> Tensor:
     """Several layers' maps at one size: each min-max scaled, then their mean, scaled again.
 
-    The same aggregation as pytorch-grad-cam uses for several target layers; for one layer it is
-    plain min-max scaling."""
+    pytorch-grad-cam aggregates several layers the same way but scales each layer before
+    upsampling, so its maps differ slightly (bilinear upsampling lowers interior peaks); scaling
+    after upsampling keeps every layer's map exactly in [0, 1]. For one layer this is plain
+    min-max scaling."""
     return minmax(torch.stack([minmax(m) for m in maps]).mean(dim=0))
 
 
