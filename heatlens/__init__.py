@@ -1,12 +1,15 @@
 """heatlens: why did the vision model say that?
 
->>> import heatlens
->>> explanation = heatlens.explain(model, batch, method="gradcam")  # doctest: +SKIP
->>> explanation.overlay(image).save("why.png")  # doctest: +SKIP
+    import heatlens
+
+    loaded = heatlens.load_model()  # EfficientNet-Lite0, ImageNet
+    batch, shown = loaded.preset(heatlens.load_image(heatlens.sample_image_path()))
+    heatlens.explain(loaded.model, batch).overlay(shown[0]).save("why.png")
 """
 
 from heatlens.api import explain
 from heatlens.explanation import Explanation
+from heatlens.images import load_image, sample_image_path
 from heatlens.layers import candidate_layers
 from heatlens.methods import (
     CAM,
@@ -22,6 +25,8 @@ from heatlens.methods import (
     create_explainer,
     list_methods,
 )
+from heatlens.models import LoadedModel, load_labels, load_model
+from heatlens.presets import IMAGENET, Preset
 from heatlens.targets import (
     BinaryOutput,
     CallableTarget,
@@ -35,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CAM",
+    "IMAGENET",
     "BinaryOutput",
     "CallableTarget",
     "ClassLogit",
@@ -48,6 +54,8 @@ __all__ = [
     "GradCAMPlusPlus",
     "HiResCAM",
     "LayerCAM",
+    "LoadedModel",
+    "Preset",
     "RegressionOutput",
     "Target",
     "XGradCAM",
@@ -56,4 +64,8 @@ __all__ = [
     "create_explainer",
     "explain",
     "list_methods",
+    "load_image",
+    "load_labels",
+    "load_model",
+    "sample_image_path",
 ]

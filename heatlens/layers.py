@@ -147,10 +147,12 @@ def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool
 
 
 def candidate_layers(model: nn.Module, inputs: Tensor) -> list[Candidate]:
-    """Modules with a spatial output ``(B, C, *spatial)`` on ``inputs``, in the order they ran."""
+    """Modules with a spatial output ``(B, C, *spatial)`` on ``inputs``, in the order they
+    finished. A module called several times is listed once, at its last call, which is the call
+    that explaining at it uses."""
     candidates, _ = _probe(model, inputs[:1])
-    seen: set[str] = set()
-    return [c for c in candidates if not (c.name in seen or seen.add(c.name))]
+    last = {c.name: c for c in candidates}
+    return [c for c in candidates if last[c.name] is c]
 
 
 def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:

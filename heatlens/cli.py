@@ -1,0 +1,296 @@
+"""The ``heatlens`` command: explain images with class activation maps, list methods and layers.
+
+``heatlens explain`` with no arguments explains the packaged sample photo with the default model
+(EfficientNet-Lite0, ImageNet), offline. Bad input (a missing or unreadable file, an unknown
+architecture or method, a class out of range, ...) ends with a one-line ``Error: ...`` message and
+exit code 1 instead of a traceback; anything else, a bug, keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import itertools
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from heatlens import __version__
+from heatlens.api import explain as explain_inputs
+from heatlens.explanation import Explanation
+from heatlens.images import load_image, sample_image_path
+from heatlens.layers import auto_layer, candidate_layers
+from heatlens.methods import list_methods, method_class
+from heatlens.models import DEFAULT_ARCH, LoadedModel, load_labels, load_model
+from heatlens.targets import TargetSpec, primary_output
+from heatlens.viz import figure_grid, save_figure
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn the errors that bad input raises into a one-line ``Error: ...`` and exit code 1."""
+    try:
+        yield
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise click.ClickException(" ".join(str(exc).split()) or type(exc).__name__) from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model options of a command, loaded on demand with :meth:`load`."""
+
+    arch: str | None
+    checkpoint: Path | None
+    weights: str | None
+    num_classes: int | None
+    labels: Path | None
+    trust_pickle: bool
+    device: str
+
+    def load(self) -> LoadedModel:
+        """Load the labels file (if any) and the model; the labels file replaces the model's."""
+        labels = None if self.labels is None else load_labels(self.labels)
+        loaded = load_model(
+            self.arch,
+            weights=self.weights,
+            checkpoint=self.checkpoint,
+            num_classes=self.num_classes,
+            trust_pickle=self.trust_pickle,
+            device=self.device,
+        )
+        return loaded if labels is None else dataclasses.replace(loaded, labels=labels)
+
+
+_MODEL_OPTIONS = (
+    click.option("--arch", metavar="NAME", default=None,
+                 help=f"Architecture: {DEFAULT_ARCH} (the default), a torchvision or timm name."),
+    click.option("--model", "checkpoint", type=click.Path(path_type=Path), default=None,
+                 metavar="FILE",
+                 help="Your own model file: a state dict (with --arch, --num-classes) or a "
+                      "pickled model (with --trust-pickle)."),
+    click.option("--weights", metavar="FILE|NAME", default=None,
+                 help="A state-dict file for --arch, or DEFAULT / a torchvision weights name "
+                      "(downloads)."),
+    click.option("--num-classes", type=click.IntRange(min=1), default=None,
+                 help="Number of classes of a fine-tuned head."),
+    click.option("--labels", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                 help="Class names: one per line, or JSON."),
+    click.option("--trust-pickle", is_flag=True,
+                 help="Allow a pickled whole model in --model. Unpickling can run arbitrary "
+                      "code: only for files you trust."),
+    click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+)
+
+
+def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the model options to a command, which receives them as ``spec: ModelSpec``."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, arch: str | None, checkpoint: Path | None, weights: str | None,
+                num_classes: int | None, labels: Path | None, trust_pickle: bool, device: str,
+                **kwargs: Any) -> Any:
+        spec = ModelSpec(arch, checkpoint, weights, num_classes, labels, trust_pickle, device)
+        return command(*args, spec=spec, **kwargs)
+
+    for option in reversed(_MODEL_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="heatlens")
+def main() -> None:
+    """Why did the vision model say that? Class activation maps for image classifiers."""
+
+
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@_model_options
+@click.option("--method", "methods", default="gradcam", show_default=True, metavar="A,B,...",
+              help="Method(s), comma-separated (see `heatlens methods`).")
+@click.option("--class-idx", type=int, default=None,
+              help="Explain this class instead of the predicted one.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Explain each of the K most likely classes.")
+@click.option("--layer", default="auto", show_default=True,
+              help="Layer to explain (see `heatlens layers`).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight of the heatmap over the image.")
+@click.option("--cmap", default="jet", show_default=True, help="Matplotlib colormap.")
+@click.option("--rows", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rows of the figure grid.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Figure to write (overwritten) [default: heatlens_<image>[_<method>].png, "
+                   "never overwriting].")
+@click.option("--show", is_flag=True, help="Also open the figure in a window.")
+def explain(images: tuple[Path, ...], spec: ModelSpec, methods: str, class_idx: int | None,
+            top_k: int | None, layer: str, alpha: float, cmap: str, rows: int,
+            out: Path | None, show: bool) -> None:
+    """Explain IMAGE(s) (default: a sample photo) and write an overlay figure.
+
+    Several images, methods or --top-k classes make one grid, a panel each, titled
+    "<method> | <label> | <probability>".
+    """
+    if class_idx is not None and top_k is not None:
+        raise click.UsageError("use either --class-idx or --top-k, not both")
+    if out is not None and not out.parent.is_dir():  # fail before the work, not after it
+        raise click.ClickException(f"cannot write {out}: the directory {out.parent} does not exist")
+    with _reported():
+        names = _method_names(methods)
+        paths = list(images) or [sample_image_path()]
+        pictures = [load_image(path) for path in paths]
+        loaded = spec.load()
+        click.echo(f"model: {loaded.name}")
+        inputs, displays = loaded.preset(pictures)
+        inputs = inputs.to(spec.device)
+        targets = _targets(loaded.model, inputs, class_idx, top_k)
+        results = [
+            explain_inputs(loaded.model, inputs, method=name, target=target, layer=layer)
+            for name in names
+            for target in targets
+        ]
+        _check_labels(loaded.labels, results[0])
+        panels, titles = [], []
+        for index, path in enumerate(paths):
+            for result in results:
+                panels.append(result.overlay(displays[index], index, alpha, cmap))
+                titles.append(result.title(index, loaded.labels))
+                click.echo(f"{path.name}: {titles[-1]} (layer {', '.join(result.layers)})")
+        figure = figure_grid(panels, titles, rows=rows)
+        written = save_figure(figure, out) if out is not None else _save_new(
+            figure, _default_name(paths, names)
+        )
+    click.echo(f"wrote {written}")
+    if show:
+        _show(figure)
+
+
+def _method_names(methods: str) -> list[str]:
+    """Canonical names of the comma-separated ``methods``, without repeats."""
+    requested = [name.strip() for name in methods.split(",") if name.strip()]
+    if not requested:
+        raise ValueError(f"--method {methods!r} names no method; see `heatlens methods`")
+    return list(dict.fromkeys(method_class(name).name for name in requested))
+
+
+def _targets(model: torch.nn.Module, inputs: torch.Tensor, class_idx: int | None,
+             top_k: int | None) -> list[TargetSpec]:
+    """One target per panel group: the given class, the top ``k`` classes, or the prediction."""
+    if top_k is None:
+        return [class_idx]
+    with torch.no_grad():
+        scores = primary_output(model(inputs))
+    if scores.ndim != 2 or top_k > scores.shape[1]:
+        raise ValueError(
+            f"--top-k {top_k} needs a model with at least {top_k} class scores per image; this "
+            f"model returns shape {tuple(scores.shape)}"
+        )
+    ranked = scores.topk(top_k, dim=1).indices
+    return [ranked[:, rank] for rank in range(top_k)]
+
+
+def _check_labels(labels: Sequence[str] | None, result: Explanation) -> None:
+    """A labels list must name every class of the model's ``(B, num_classes)`` output."""
+    output = result.output
+    if labels is None or output is None or output.ndim != 2:
+        return
+    if len(labels) != output.shape[1]:
+        raise ValueError(
+            f"got {len(labels)} labels for a model with {output.shape[1]} classes; give one "
+            "label per class, in class-index order"
+        )
+
+
+def _default_name(paths: Sequence[Path], methods: Sequence[str]) -> str:
+    """``heatlens_<image stem>[_<method>].png``: the method only when there is one."""
+    stem = paths[0].stem if len(paths) == 1 else f"{paths[0].stem}_and_{len(paths) - 1}_more"
+    suffix = f"_{methods[0]}" if len(methods) == 1 else ""
+    return f"heatlens_{stem}{suffix}.png"
+
+
+def _save_new(figure: Figure, name: str) -> Path:
+    """Save under ``name`` in the current directory, or ``-1``, ``-2``... appended to its stem
+    when taken. The name is claimed by creating the file exclusively, so nothing is overwritten,
+    even by another heatlens run at the same moment."""
+    base = Path(name)
+    candidates = itertools.chain(
+        [base], (base.with_name(f"{base.stem}-{n}{base.suffix}") for n in itertools.count(1))
+    )
+    path = next(candidate for candidate in candidates if _created(candidate))
+    try:
+        return save_figure(figure, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _created(path: Path) -> bool:
+    """Create an empty file at ``path`` unless something is there; whether it was created."""
+    try:
+        path.open("x").close()
+    except FileExistsError:
+        return False
+    return True
+
+
+def _show(figure: Figure) -> None:
+    """Open the figure in a matplotlib window (blocks until it is closed)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    window = plt.figure("heatlens", figsize=figure.get_size_inches())
+    axes = window.add_axes((0, 0, 1, 1))
+    axes.imshow(np.asarray(canvas.buffer_rgba()))
+    axes.set_axis_off()
+    plt.show()
+
+
+@main.command("methods")
+def methods_command() -> None:
+    """List the explanation methods: name, aliases and what each computes."""
+    rows = []
+    for name in list_methods():
+        cls = method_class(name)
+        aliases = f" ({', '.join(cls.aliases)})" if cls.aliases else ""
+        summary = (inspect.getdoc(cls) or "").split("\n\n")[0]
+        plain = re.sub(r":\w+:`([^`]*)`", r"\1", summary).replace("``", "")
+        rows.append((name + aliases, " ".join(plain.split())))
+    width = max(len(left) for left, _ in rows)
+    for left, summary in rows:
+        click.echo(f"{left:<{width}}  {summary}")
+
+
+@main.command("layers")
+@_model_options
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="Side of the square probe input [default: the model's input size].")
+def layers_command(spec: ModelSpec, size: int | None) -> None:
+    """List the layers that output spatial feature maps, marking the automatic choice (*)."""
+    with _reported():
+        loaded = spec.load()
+        side = size or loaded.preset.crop
+        probe = torch.zeros(1, 3, side, side, device=spec.device)
+        candidates = candidate_layers(loaded.model, probe)
+        chosen, reason = auto_layer(loaded.model, probe)
+    click.echo(f"model: {loaded.name}, input (1, 3, {side}, {side})")
+    table = [("", "LAYER", "TYPE", "OUTPUT")] + [
+        ("*" if c.name == chosen else "" if c.output_depends else "-", c.name, c.module_type,
+         str(c.shape))
+        for c in candidates
+    ]
+    widths = [max(len(row[column]) for row in table) for column in range(3)]
+    for *cells, shape in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + "  " + shape)
+    click.echo(f"* automatic choice: {reason}")
+    if not all(c.output_depends for c in candidates):
+        click.echo("- the model's output does not depend on this layer")
