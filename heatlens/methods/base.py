@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -64,6 +65,21 @@ def target_probabilities(output: Any, target: Target, classes: Tensor) -> Tensor
     if scores.ndim == 2 and scores.shape[1] > 1 and bool((classes != NO_CLASS).all()):
         return scores.float().softmax(dim=1).gather(1, classes[:, None])[:, 0]
     return None
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """What one call knows when a method turns one layer into a map."""
+
+    model: nn.Module
+    inputs: Tensor
+    target: Target
+    classes: Tensor
+    scores: Tensor
+    name: str
+    module: nn.Module
+    activations: Tensor
+    gradients: Tensor | None
 
 
 class Explainer(ABC):
@@ -148,6 +164,11 @@ class CAMExplainer(Explainer):
         with torch.inference_mode(False):  # a no-op unless the caller is in inference mode
             return self._explain(x.clone() if x.is_inference() else x, target)
 
+    def layer_map(self, call: LayerCall) -> Tensor:
+        """The signed map of one layer. Methods that need more than the activations and
+        gradients (the model, the inputs, the target) override this instead of :meth:`cam`."""
+        return self.cam(call.activations, call.gradients, call.classes)
+
     def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
         choice = resolve_layers(self.model, self.layer, x)
         goal = as_target(target)
@@ -169,26 +190,37 @@ class CAMExplainer(Explainer):
                 if self.needs_gradients
                 else [None] * len(acts)
             )
+        calls = [
+            LayerCall(self.model, x, goal, classes, scores.detach(), name, module,
+                      act.detach(), grad)
+            for name, module, act, grad in zip(choice.names, choice.modules, acts, grads,
+                                               strict=True)
+        ]
         with torch.no_grad():
-            raw = {
-                name: self.cam(act.detach(), grad, classes).float()
-                for name, act, grad in zip(choice.names, acts, grads, strict=True)
-            }
+            raw = {call.name: self.layer_map(call).float() for call in calls}
             size = x.shape[2:]
             shown = [upsample(m.clamp_min(0) if self.relu else m, size) for m in raw.values()]
             maps = minmax(shown[0]) if len(shown) == 1 else FUSIONS[self.fusion](shown)
-        try:
-            scores_out = primary_output(captured.output).detach()
-        except TypeError:
-            scores_out = None
-        return Explanation(
-            maps=maps,
-            raw_by_layer=raw,
-            targets=classes,
-            scores=scores.detach(),
-            probabilities=target_probabilities(captured.output, goal, classes),
-            layers=choice.names,
-            method=self.name,
-            layer_reason=choice.reason,
-            output=scores_out,
-        )
+        return build_explanation(self.name, maps, raw, captured.output, goal, classes, scores,
+                                 choice.names, choice.reason)
+
+
+def build_explanation(method: str, maps: Tensor, raw: dict[str, Tensor], output: Any,
+                      goal: Target, classes: Tensor, scores: Tensor, layers: tuple[str, ...],
+                      reason: str) -> Explanation:
+    """Assemble an :class:`Explanation` from one call's results."""
+    try:
+        scores_out = primary_output(output).detach()
+    except TypeError:
+        scores_out = None
+    return Explanation(
+        maps=maps,
+        raw_by_layer=raw,
+        targets=classes,
+        scores=scores.detach(),
+        probabilities=target_probabilities(output, goal, classes),
+        layers=layers,
+        method=method,
+        layer_reason=reason,
+        output=scores_out,
+    )
