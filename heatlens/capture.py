@@ -44,6 +44,7 @@ class Captured:
 
     output: Any
     activations: dict[str, Tensor]
+    inputs: Tensor
 
 
 def forward_with_capture(
@@ -52,6 +53,7 @@ def forward_with_capture(
     layers: Mapping[str, nn.Module],
     *,
     with_gradients: bool,
+    input_gradients: bool = False,
 ) -> Captured:
     """Run ``model(inputs)`` once and keep the output tensor of every module in ``layers``.
 
@@ -61,6 +63,9 @@ def forward_with_capture(
     ``torch.autograd.grad(score, activations)`` gives exactly d score / d activation. Each hook
     hands the next layer a clone of the activation, so an in-place operation further on
     (``out += identity`` or ``nn.ReLU(inplace=True)``) cannot change what was recorded.
+
+    With ``input_gradients=True`` the input becomes a leaf that requires gradients and the whole
+    pass is recorded (``Captured.inputs`` is that leaf), for methods that also need d score / d x.
 
     Call it outside inference mode (``torch.inference_mode(False)``) with a normal tensor.
     Hooks fire only on the calling thread, so several threads may explain with one shared model at
@@ -92,7 +97,9 @@ def forward_with_capture(
     try:
         for name, module in layers.items():
             handles.append(module.register_forward_hook(make_hook(name)))
-        with buffers_kept(model), torch.no_grad():
+        if input_gradients:
+            inputs = inputs.detach().requires_grad_(True)
+        with buffers_kept(model), torch.set_grad_enabled(input_gradients):
             output = model(inputs)
     finally:
         for handle in handles:
@@ -105,7 +112,7 @@ def forward_with_capture(
             "A scripted (torch.jit) or compiled (torch.compile) model does not call Python hooks: "
             "pass the original eager nn.Module instead; otherwise pick a layer that forward() uses."
         )
-    return Captured(output=output, activations=recorded)
+    return Captured(output=output, activations=recorded, inputs=inputs)
 
 
 def gradients_of(
@@ -120,7 +127,9 @@ def gradients_of(
             f"the target score does not depend on layer(s) {list(names)}: no gradient can flow. "
             "Pick a layer that lies between the input and the output."
         )
-    grads = torch.autograd.grad(scores.sum(), list(activations), allow_unused=True)
+    with torch.enable_grad():
+        total = scores.sum()
+    grads = torch.autograd.grad(total, list(activations), allow_unused=True)
     for name, grad in zip(names, grads, strict=True):
         if grad is None:
             raise ValueError(
@@ -128,3 +137,28 @@ def gradients_of(
                 "Pick a layer that lies between the input and the output."
             )
     return [g.detach() for g in grads]
+
+
+@contextmanager
+def output_replaced(module: nn.Module, value: Tensor) -> Iterator[None]:
+    """For the calls made inside the block, ``module`` returns ``value`` instead of its output.
+
+    Only calls on this thread whose output has ``value``'s shape after the batch dimension are
+    replaced (a module called several times in one pass, such as a shared activation, is
+    replaced where its output is the layer being explained). The hook is removed afterwards.
+    """
+    owner = threading.get_ident()
+    feature_shape = value.shape[1:]
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Tensor | None:
+        if threading.get_ident() == owner and isinstance(output, Tensor) and (
+            output.shape[1:] == feature_shape
+        ):
+            return value
+        return None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

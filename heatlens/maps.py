@@ -20,16 +20,16 @@ def spatial_dims(t: Tensor, first: int = 2) -> tuple[int, ...]:
     return tuple(range(first, t.ndim))
 
 
-def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+def upsample(maps: Tensor, size: Sequence[int], *, align_corners: bool = False) -> Tensor:
     """Resize ``(B, *spatial)`` maps to ``size`` with one (bi/tri)linear ``interpolate`` call
-    (``align_corners=False``, pixel centres aligned)."""
+    (by default ``align_corners=False``: pixel centres aligned)."""
     size = tuple(int(s) for s in size)
     if tuple(maps.shape[1:]) == size:
         return maps
     if len(size) not in _MODES:
         raise ValueError(f"cannot upsample maps with {len(size)} spatial dimensions (1 to 3)")
     return F.interpolate(maps[:, None].float(), size=size, mode=_MODES[len(size)],
-                         align_corners=False)[:, 0]
+                         align_corners=align_corners)[:, 0]
 
 
 def minmax(maps: Tensor, eps: float = 1e-12) -> Tensor:

@@ -1,5 +1,6 @@
 """Explanation methods, one module per family, reachable by name through the registry."""
 
+from heatlens.methods.ablation import AblationCAM
 from heatlens.methods.base import CAMExplainer, Explainer
 from heatlens.methods.cam import (
     CAM,
@@ -12,19 +13,28 @@ from heatlens.methods.cam import (
     LayerCAM,
     XGradCAM,
 )
+from heatlens.methods.fullgrad import FullGrad
 from heatlens.methods.registry import create_explainer, list_methods, method_class, register
+from heatlens.methods.score import ISCAM, SSCAM, ScoreCAM
+from heatlens.methods.smooth import SmoothGradCAMPlusPlus
 
 __all__ = [
     "CAM",
+    "ISCAM",
+    "SSCAM",
+    "AblationCAM",
     "CAMExplainer",
     "EigenCAM",
     "EigenGradCAM",
     "Explainer",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
     "HiResCAM",
     "LayerCAM",
+    "ScoreCAM",
+    "SmoothGradCAMPlusPlus",
     "XGradCAM",
     "create_explainer",
     "list_methods",

@@ -154,9 +154,11 @@ class CAMExplainer(Explainer):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, not {self.fusion!r}")
 
-    @abstractmethod
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
-        """The signed map ``(B, *spatial)`` from activations and gradients ``(B, C, *spatial)``."""
+        """The signed map ``(B, *spatial)`` from activations and gradients ``(B, C, *spatial)``.
+
+        A method defines this, or :meth:`layer_map` when it needs more."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither cam() nor layer_map()")
 
     def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
         x = as_batch(inputs, self.model)

@@ -1,0 +1,76 @@
+"""Bounded memory and progress for methods that run the model many times (DESIGN promise 8).
+
+Perturbed inputs are built chunk by chunk; a chunk holds as many inputs as fit in the memory
+budget, by an estimate of what one more input costs in one pass of the model.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from heatlens.capture import buffers_kept
+
+DEFAULT_BUDGET = 1 << 30
+"""Memory budget of one call's perturbed batches, in bytes (1 GiB)."""
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+def sample_bytes(model: nn.Module, sample: Tensor, *, with_gradients: bool = False) -> int:
+    """Estimated bytes that one input of ``sample``'s shape adds to a batched pass.
+
+    Measured once per model and shape from the sizes of every module's output on ``sample``
+    (``(1, C, *spatial)``). Without gradients the peak is a few activations alive at once (taken
+    as three times the largest plus the input); with gradients autograd keeps every activation
+    for the backward pass and adds their gradients (taken as twice the sum).
+    """
+    key = (tuple(sample.shape[1:]), sample.dtype, sample.device.type, with_gradients)
+    cached = _CACHE.setdefault(model, {})
+    if key in cached:
+        return cached[key]
+    owner = threading.get_ident()
+    sizes: list[int] = []
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if threading.get_ident() == owner and isinstance(output, Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    try:
+        with buffers_kept(model), torch.inference_mode():
+            model(sample[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    input_bytes = sample[:1].numel() * sample.element_size()
+    largest = max(sizes, default=input_bytes)
+    estimate = 2 * sum(sizes) + input_bytes if with_gradients else 3 * largest + input_bytes
+    cached[key] = estimate
+    return estimate
+
+
+def items_per_chunk(model: nn.Module, sample: Tensor, budget: int, *,
+                    with_gradients: bool = False, extra_per_item: int = 0) -> int:
+    """How many perturbed inputs one chunk may hold within ``budget`` bytes (at least 1).
+
+    ``extra_per_item`` counts what the method itself keeps per input (its mask, say)."""
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, not {budget}")
+    per_item = sample_bytes(model, sample, with_gradients=with_gradients) + extra_per_item
+    per_item += sample[:1].numel() * sample.element_size()  # the perturbed input itself
+    return max(1, budget // per_item)
+
+
+def progress(total: int, description: str, *, show: bool | None = None) -> tqdm:
+    """A progress bar over ``total`` model passes: shown when ``show`` is True, or when it is
+    None, the work is long (100 passes or more) and standard error is a terminal."""
+    if show is None:
+        show = total >= 100 and sys.stderr.isatty()
+    return tqdm(total=total, desc=description, disable=not show, leave=False, unit="input")

@@ -1,0 +1,110 @@
+"""Ablation-CAM: channel weights from how much the score drops when a channel is switched off."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from heatlens.budget import DEFAULT_BUDGET, progress
+from heatlens.capture import output_replaced
+from heatlens.layers import LayerSpec
+from heatlens.methods.base import CAMExplainer, LayerCall
+from heatlens.methods.cam import _per_channel, _safe_divide
+from heatlens.methods.registry import register
+
+
+def ablated_copies(activation: Tensor, channels: range) -> Tensor:
+    """``(C, *s)`` activation to ``(len(channels), C, *s)``: copy ``j`` has channel
+    ``channels[j]`` set to zero."""
+    copies = activation.unsqueeze(0).repeat(len(channels), *[1] * activation.ndim)
+    copies[torch.arange(len(channels)), torch.as_tensor(list(channels))] = 0
+    return copies
+
+
+@register
+class AblationCAM(CAMExplainer):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020, Eq. 3): with ``y_c`` the target score and
+    ``y_c^k`` the score when channel ``k`` of the layer is set to zero,
+    ``w_k = (y_c - y_c^k) / y_c`` (0 where ``y_c = 0``) and ``M = relu(sum_k w_k A^k)``.
+
+    Only the part of the network after the layer is evaluated for each ablation: the model runs
+    on one image while the layer's output is replaced by a batch of ablated copies, so the layers
+    before it run once per chunk of copies. Where the network cannot be cut there (a branch that
+    jumps over the layer and is joined by concatenation, or a forward pass that fixes the batch
+    size), this is detected on the first chunk (a clean copy must reproduce the score) and the
+    method falls back to full forward passes on a repeated input, with a warning.
+
+    Args:
+        memory_budget: bytes that one chunk of ablated copies may use.
+        show_progress: ``None`` shows a bar for long runs in a terminal.
+    """
+
+    name = "ablationcam"
+    aliases = ("ablation-cam",)
+    needs_gradients = False
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
+                 memory_budget: int = DEFAULT_BUDGET, show_progress: bool | None = None,
+                 relu: bool = True, fusion: str | None = None) -> None:
+        super().__init__(model, layer, relu=relu, fusion=fusion)
+        if memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, not "
+                             f"{memory_budget}")
+        self.memory_budget = memory_budget
+        self.show_progress = show_progress
+
+    def layer_map(self, call: LayerCall) -> Tensor:
+        acts = call.activations
+        batch, channels = acts.shape[:2]
+        # an ablated copy, and the layers after it, cost a few times the activation each
+        copy_bytes = 4 * acts[0].numel() * acts.element_size()
+        step = max(1, min(channels, self.memory_budget // copy_bytes))
+        ablated = torch.empty(batch, channels, device=acts.device)
+        cut = True
+        with torch.inference_mode(), progress(batch * channels, self.name,
+                                              show=self.show_progress) as bar:
+            for b in range(batch):  # the layers before the cut run on this image alone
+                image, cls = call.inputs[b : b + 1], call.classes[b : b + 1]
+                for start in range(0, channels, step):
+                    span = range(start, min(start + step, channels))
+                    copies = ablated_copies(acts[b], span)
+                    if cut:
+                        scores = self._cut_scores(call, image, cls, acts[b : b + 1], copies,
+                                                  call.scores[b])
+                        cut = scores is not None
+                    if not cut:
+                        with output_replaced(call.module, copies):
+                            out = self.model(image.expand(len(span), *image.shape[1:]))
+                        scores = call.target.score(out, cls.expand(len(span))).float()
+                    ablated[b, start : span.stop] = scores
+                    bar.update(len(span))
+        original = call.scores.float()[:, None]
+        weights = _safe_divide(original - ablated, original.expand_as(ablated))
+        return _per_channel(weights.to(acts.dtype), acts)
+
+    def _cut_scores(self, call: LayerCall, image: Tensor, cls: Tensor, clean: Tensor,
+                    copies: Tensor, expected: Tensor) -> Tensor | None:
+        """Scores of ``copies`` with the layers before the cut run once, or ``None`` (and a
+        warning) where the network cannot be cut at the layer. ``clean`` is the image's own
+        activation; it travels with the copies and must reproduce ``expected``."""
+        stack = torch.cat([clean, copies])
+        problem = ""
+        try:
+            with output_replaced(call.module, stack):
+                out = self.model(image)
+            scores = call.target.score(out, cls.expand(stack.shape[0])).float()
+        except (RuntimeError, ValueError, IndexError) as error:
+            problem = f"{type(error).__name__}: {error}".splitlines()[0]
+        else:
+            if not torch.allclose(scores[0], expected.float(), rtol=1e-4, atol=1e-5):
+                problem = "the un-ablated copy did not reproduce the score"
+        if problem:
+            warnings.warn(
+                f"Ablation-CAM cannot evaluate only the layers after {call.name!r} in this model "
+                f"({problem}); falling back to full forward passes, which is slower.",
+                stacklevel=4,
+            )
+            return None
+        return scores[1:]
