@@ -32,6 +32,8 @@ class Explanation:
         method: the method's registry name.
         layer_reason: how the layers were chosen (for ``layer="auto"``: which and why).
         output: the model's score tensor for the batch, detached.
+        details: what a method reports beyond the maps, by name (integrated gradients:
+            ``"convergence_delta"``, ``(B,)``).
     """
 
     maps: Tensor
@@ -43,6 +45,7 @@ class Explanation:
     method: str
     layer_reason: str = ""
     output: Tensor | None = field(default=None, repr=False)
+    details: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def raw(self) -> Tensor | tuple[Tensor, ...]:

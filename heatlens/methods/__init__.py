@@ -14,6 +14,14 @@ from heatlens.methods.cam import (
     XGradCAM,
 )
 from heatlens.methods.fullgrad import FullGrad
+from heatlens.methods.gradients import (
+    Deconvnet,
+    GuidedBackprop,
+    GuidedGradCAM,
+    InputXGradient,
+    IntegratedGradients,
+    Saliency,
+)
 from heatlens.methods.registry import create_explainer, list_methods, method_class, register
 from heatlens.methods.score import ISCAM, SSCAM, ScoreCAM
 from heatlens.methods.smooth import SmoothGradCAMPlusPlus
@@ -24,6 +32,7 @@ __all__ = [
     "SSCAM",
     "AblationCAM",
     "CAMExplainer",
+    "Deconvnet",
     "EigenCAM",
     "EigenGradCAM",
     "Explainer",
@@ -31,8 +40,13 @@ __all__ = [
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GuidedBackprop",
+    "GuidedGradCAM",
     "HiResCAM",
+    "InputXGradient",
+    "IntegratedGradients",
     "LayerCAM",
+    "Saliency",
     "ScoreCAM",
     "SmoothGradCAMPlusPlus",
     "XGradCAM",

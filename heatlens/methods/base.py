@@ -209,7 +209,7 @@ class CAMExplainer(Explainer):
 
 def build_explanation(method: str, maps: Tensor, raw: dict[str, Tensor], output: Any,
                       goal: Target, classes: Tensor, scores: Tensor, layers: tuple[str, ...],
-                      reason: str) -> Explanation:
+                      reason: str, details: dict[str, Any] | None = None) -> Explanation:
     """Assemble an :class:`Explanation` from one call's results."""
     try:
         scores_out = primary_output(output).detach()
@@ -225,4 +225,5 @@ def build_explanation(method: str, maps: Tensor, raw: dict[str, Tensor], output:
         method=method,
         layer_reason=reason,
         output=scores_out,
+        details=details or {},
     )

@@ -1,0 +1,124 @@
+"""The engine of pixel attributions: a signed attribution for every input element.
+
+An attribution method returns ``(B, C, *spatial)``; the :class:`~heatlens.Explanation` keeps it
+signed and unscaled as ``raw_by_layer["input"]`` and shows ``maps`` = the absolute value of the
+channel sum, divided by its 98th percentile and clipped to [0, 1] (the 2 % outliers saturate, as
+in Captum's default picture). Signed pictures come from :mod:`heatlens.attribution_viz`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from heatlens.budget import DEFAULT_BUDGET, items_per_chunk, progress
+from heatlens.capture import buffers_kept
+from heatlens.explanation import Explanation
+from heatlens.layers import LayerSpec
+from heatlens.methods.base import Explainer, _warn_if_training, as_batch, build_explanation
+from heatlens.targets import Target, TargetSpec, as_target
+
+OUTLIER_PERCENT = 2.0
+
+
+def percentile_scale(maps: Tensor, outlier_percent: float = OUTLIER_PERCENT) -> Tensor:
+    """Divide each non-negative map by its ``100 - outlier_percent`` percentile and clip to
+    [0, 1]; an all-zero map stays zero."""
+    flat = maps.flatten(1).float()
+    top = torch.quantile(flat, 1 - outlier_percent / 100, dim=1, keepdim=True)
+    top = torch.where(top > 0, top, flat.amax(dim=1, keepdim=True))
+    scaled = torch.where(top > 0, flat / top.clamp_min(1e-30), torch.zeros_like(flat))
+    return scaled.clamp(0, 1).reshape(maps.shape)
+
+
+def attribution_maps(attributions: Tensor) -> Tensor:
+    """``(B, C, *spatial)`` attributions to ``(B, *spatial)`` maps in [0, 1]."""
+    return percentile_scale(attributions.sum(dim=1).abs())
+
+
+class AttributionExplainer(Explainer):
+    """Attributions on the input. A subclass defines :meth:`attribute`.
+
+    Args:
+        model: any ``nn.Module``; it is left exactly as it was.
+        layer: only ``"auto"``; methods that use a layer (Guided Grad-CAM) accept a name.
+        memory_budget: bytes that one chunk of the method's model passes may use.
+        show_progress: ``None`` shows a bar for long runs in a terminal.
+    """
+
+    uses_layer = False
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
+                 memory_budget: int = DEFAULT_BUDGET, show_progress: bool | None = None) -> None:
+        super().__init__(model)
+        if not self.uses_layer and not (isinstance(layer, str) and layer == "auto"):
+            raise ValueError(f"{self.name} attributes to the input: layer= does not apply")
+        if memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, not "
+                             f"{memory_budget}")
+        self.layer = layer
+        self.memory_budget = memory_budget
+        self.show_progress = show_progress
+
+    @abstractmethod
+    def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
+        """``(B, C, *spatial)`` attributions of ``classes`` and a dict of extra results."""
+
+    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
+        x = as_batch(inputs, self.model)
+        _warn_if_training(self.model)
+        with torch.inference_mode(False):
+            return self._explain(x.clone() if x.is_inference() else x, target)
+
+    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
+        goal = as_target(target)
+        with buffers_kept(self.model), torch.no_grad():
+            output = self.model(x)
+            classes = goal.classes(output, x.shape[0]).to(x.device)
+            scores = goal.score(output, classes)
+        attributions, details = self.attribute(x, goal, classes)
+        with torch.no_grad():
+            maps = attribution_maps(attributions)
+        return build_explanation(self.name, maps, {"input": attributions.detach()}, output, goal,
+                                 classes, scores, ("input",), "attributions on the input",
+                                 details)
+
+    def chunked_gradients(self, inputs: Tensor, target: Target, classes: Tensor,
+                          rule: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:
+        """Gradients of the target scores w.r.t. each of ``inputs`` (``(N, C, *spatial)``, with
+        one class each), and the scores, in chunks within the memory budget."""
+        per_chunk = items_per_chunk(self.model, inputs[:1], self.memory_budget,
+                                    with_gradients=True)
+        grads, scores = [], []
+        with progress(inputs.shape[0], self.name, show=self.show_progress) as bar:
+            for start in range(0, inputs.shape[0], per_chunk):
+                part = inputs[start : start + per_chunk]
+                g, s = input_gradients(self.model, part, target,
+                                       classes[start : start + per_chunk], rule)
+                grads.append(g)
+                scores.append(s)
+                bar.update(part.shape[0])
+        return torch.cat(grads), torch.cat(scores)
+
+
+def input_gradients(model: nn.Module, x: Tensor, target: Target, classes: Tensor,
+                    rule: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:
+    """``d y_c / d x`` for each input and its class, and the scores ``y_c``. ``rule`` is a
+    context (a torch function mode) that changes how gradients pass some operations."""
+    leaf = x.detach().requires_grad_(True)
+    with buffers_kept(model), torch.enable_grad():
+        if rule is None:
+            output = model(leaf)
+        else:
+            with rule():
+                output = model(leaf)
+        scores = target.score(output, classes)
+        total = scores.sum()
+    if not total.requires_grad:
+        raise ValueError("the target score does not depend on the input: no gradient can flow")
+    (grad,) = torch.autograd.grad(total, leaf)
+    return grad, scores.detach()

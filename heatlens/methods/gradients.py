@@ -1,0 +1,262 @@
+"""Gradient attributions: saliency, input x gradient, guided backpropagation, deconvnet,
+Guided Grad-CAM and integrated gradients."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from heatlens.capture import buffers_kept
+from heatlens.layers import LayerSpec
+from heatlens.maps import upsample
+from heatlens.methods.attribution import AttributionExplainer
+from heatlens.methods.cam import GradCAM
+from heatlens.methods.registry import register
+from heatlens.targets import Target
+
+
+@register
+class Saliency(AttributionExplainer):
+    """Saliency (Simonyan et al., 2014, Eq. 3): ``A = d y_c / d x``, signed; ``absolute=True``
+    gives ``|d y_c / d x|`` (the paper's, and Captum's default)."""
+
+    name = "saliency"
+    aliases = ("gradient", "vanillagradient")
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, absolute: bool = False,
+                 **options: Any) -> None:
+        super().__init__(model, layer, **options)
+        self.absolute = absolute
+
+    def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
+        grad, _ = self.chunked_gradients(x, target, classes)
+        return (grad.abs() if self.absolute else grad), {}
+
+
+@register
+class InputXGradient(AttributionExplainer):
+    """Input x gradient (Shrikumar et al., 2016): ``A = x * d y_c / d x``."""
+
+    name = "inputxgradient"
+    aliases = ("input-x-gradient", "gradientxinput")
+
+    def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
+        grad, _ = self.chunked_gradients(x, target, classes)
+        return x * grad, {}
+
+
+class _RuleReLU(torch.autograd.Function):
+    """ReLU whose backward pass follows a modified rule:
+    guided backpropagation ``g_in = relu(g_out) * [x > 0]``, deconvnet ``g_in = relu(g_out)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, guided: bool) -> Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        ctx.guided = guided
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        passed = grad.clamp_min(0)
+        return (passed * (out > 0) if ctx.guided else passed), None
+
+
+_RELUS = {torch.relu, torch.relu_, F.relu, F.relu_, Tensor.relu, Tensor.relu_}
+
+
+class ReLURule(TorchFunctionMode):
+    """While active on this thread, every ReLU, whether an ``nn.ReLU`` module (in place or not)
+    or ``torch.relu`` / ``F.relu`` called in a forward method, computes ``max(x, 0)`` out of
+    place with the backward rule of :class:`_RuleReLU`. Other activations (ReLU6, GELU) keep
+    their gradient, as in Captum. Nothing of the model is changed."""
+
+    def __init__(self, guided: bool) -> None:
+        super().__init__()
+        self.guided = guided
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if func in _RELUS:
+            return _RuleReLU.apply(args[0], self.guided)
+        return func(*args, **(kwargs or {}))
+
+
+@register
+class GuidedBackprop(AttributionExplainer):
+    """Guided backpropagation (Springenberg et al., ICLR 2015 workshop, Eq. in Fig. 1): the
+    gradient ``d y_c / d x`` with every ReLU passing back only positive gradients where its
+    input was positive, ``g_in = relu(g_out) * [x > 0]``."""
+
+    name = "guidedbackprop"
+    aliases = ("guided-backprop", "guidedbackpropagation")
+    guided = True
+
+    def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
+        grad, _ = self.chunked_gradients(x, target, classes, lambda: ReLURule(self.guided))
+        return grad, {}
+
+
+@register
+class Deconvnet(GuidedBackprop):
+    """Deconvnet (Zeiler & Fergus, ECCV 2014): the gradient with every ReLU replaced, on the way
+    back, by a ReLU of the incoming gradient, ``g_in = relu(g_out)``."""
+
+    name = "deconvnet"
+    aliases = ("deconvolution",)
+    guided = False
+
+
+@register
+class GuidedGradCAM(AttributionExplainer):
+    """Guided Grad-CAM (Selvaraju et al., ICCV 2017, Sec. 3.1): guided backpropagation times
+    the ReLU'd, unscaled Grad-CAM map upsampled to the input (``upsampling="bilinear"`` as in
+    the paper; ``"nearest"`` is Captum's default)."""
+
+    name = "guidedgradcam"
+    aliases = ("guided-grad-cam", "guided-gradcam")
+    uses_layer = True
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
+                 upsampling: str = "bilinear", **options: Any) -> None:
+        super().__init__(model, layer, **options)
+        if upsampling not in ("bilinear", "nearest"):
+            raise ValueError(f"upsampling must be 'bilinear' or 'nearest', not {upsampling!r}")
+        self.upsampling = upsampling
+
+    def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
+        cam = GradCAM(self.model, layer=self.layer)(x, target=target)
+        if len(cam.layers) != 1:
+            raise ValueError("Guided Grad-CAM takes one layer")
+        grad, _ = self.chunked_gradients(x, target, classes, lambda: ReLURule(True))
+        coarse = cam.raw.clamp_min(0)
+        size = x.shape[2:]
+        if self.upsampling == "nearest":
+            fine = F.interpolate(coarse[:, None], size=tuple(size), mode="nearest")[:, 0]
+        else:
+            fine = upsample(coarse, size)
+        return grad * fine[:, None], {"layer": cam.layers[0]}
+
+
+RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+
+
+def integration_rule(rule: str, steps: int) -> tuple[Tensor, Tensor]:
+    """Points ``alpha_i`` in [0, 1] and weights ``w_i`` of a quadrature rule for the integral
+    over [0, 1]: Riemann sums (left, right, middle, trapezoid) or Gauss-Legendre."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
+    if steps < (2 if rule == "riemann_trapezoid" else 1):
+        raise ValueError(f"{rule} needs more steps than {steps}")
+    if rule == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * weights)
+    index = torch.arange(steps, dtype=torch.float64)
+    weights = torch.full((steps,), 1 / steps, dtype=torch.float64)
+    if rule == "riemann_trapezoid":
+        alphas = index / (steps - 1)
+        weights = torch.full((steps,), 1 / (steps - 1), dtype=torch.float64)
+        weights[[0, -1]] /= 2
+    else:
+        offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[rule]
+        alphas = (index + offset) / steps
+    return alphas, weights
+
+
+BASELINES = ("zeros", "blur", "uniform")
+
+
+@register
+class IntegratedGradients(AttributionExplainer):
+    """Integrated gradients (Sundararajan et al., ICML 2017, Eq. 1 and 3):
+    ``A = (x - x') * int_0^1 d y_c / d x (x' + a (x - x')) da``, the integral by a quadrature rule
+    ``sum_i w_i g(alpha_i)`` with ``steps`` points (Gauss-Legendre by default, or a Riemann sum).
+
+    Completeness: ``sum A = y_c(x) - y_c(x')`` up to the rule's error, which is reported per image
+    as ``Explanation.details["convergence_delta"] = sum A - (y_c(x) - y_c(x'))``.
+
+    ``baseline``: ``"zeros"``, ``"blur"`` (the input blurred by a Gaussian of ``blur_sigma``
+    pixels), ``"uniform"`` (uniform noise over each input's value range, seeded), or a tensor
+    broadcastable to the inputs. The ``B * steps`` interpolated inputs run in chunks within
+    ``memory_budget``. The trapezoid rule uses the textbook weights ``1 / (steps - 1)`` (halved
+    at both ends); Captum's uses ``1 / steps``, which sums to ``(steps - 1) / steps``.
+    """
+
+    name = "integratedgradients"
+    aliases = ("integrated-gradients", "ig")
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, steps: int = 50,
+                 rule: str = "gausslegendre", baseline: str | Tensor = "zeros",
+                 blur_sigma: float = 8.0, seed: int = 0, **options: Any) -> None:
+        super().__init__(model, layer, **options)
+        integration_rule(rule, steps)  # validates
+        if isinstance(baseline, str) and baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES} or a tensor, not {baseline!r}")
+        self.steps, self.rule, self.baseline = steps, rule, baseline
+        self.blur_sigma, self.seed = blur_sigma, seed
+
+    def baseline_for(self, x: Tensor) -> Tensor:
+        """The baseline ``x'`` for each input."""
+        if isinstance(self.baseline, Tensor):
+            try:
+                return torch.broadcast_to(self.baseline.to(x), x.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"baseline of shape {tuple(self.baseline.shape)} does not broadcast to the "
+                    f"inputs' shape {tuple(x.shape)}"
+                ) from None
+        if self.baseline == "zeros":
+            return torch.zeros_like(x)
+        if self.baseline == "blur":
+            return gaussian_blur(x, self.blur_sigma)
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        noise = torch.rand(x.shape[1:], generator=generator, device=x.device, dtype=x.dtype)
+        low = x.flatten(1).amin(1).reshape(-1, *[1] * (x.ndim - 1))
+        high = x.flatten(1).amax(1).reshape(-1, *[1] * (x.ndim - 1))
+        return low + (high - low) * noise
+
+    def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
+        alphas, weights = (t.to(x.device, x.dtype) for t in integration_rule(self.rule,
+                                                                             self.steps))
+        base = self.baseline_for(x)
+        shape = (-1, *[1] * x.ndim)
+        path = base[None] + alphas.reshape(shape) * (x - base)[None]  # (steps, B, C, *S)
+        grads, _ = self.chunked_gradients(path.flatten(0, 1), target,
+                                          classes.repeat(self.steps))
+        average = (weights.reshape(shape) * grads.reshape(path.shape)).sum(dim=0)
+        attributions = (x - base) * average
+        with buffers_kept(self.model), torch.no_grad():
+            end_scores = target.score(self.model(torch.cat([x, base])), classes.repeat(2))
+        gain = end_scores[: x.shape[0]] - end_scores[x.shape[0] :]
+        delta = attributions.flatten(1).sum(1) - gain
+        return attributions, {"convergence_delta": delta, "baseline": base}
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Each channel blurred by a Gaussian of ``sigma`` pixels along every spatial dimension
+    (separable, edges replicated)."""
+    if sigma <= 0:
+        return x.clone()
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels, spatial = x.shape[1], x.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    out = x
+    for dim in range(spatial):
+        shape = [1] * spatial
+        shape[dim] = kernel.numel()
+        weight = kernel.reshape(1, 1, *shape).repeat(channels, 1, *[1] * spatial)
+        pad = [0, 0] * spatial
+        pad[2 * (spatial - 1 - dim)] = pad[2 * (spatial - 1 - dim) + 1] = radius
+        padded = F.pad(out, pad, mode="replicate")
+        out = conv(padded, weight, groups=channels)
+    return out
