@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from heatlens.explanation import Explanation
 from heatlens.layers import LayerSpec
 from heatlens.methods.registry import create_explainer
+from heatlens.methods.tunnel import NoiseTunnel
 from heatlens.targets import TargetSpec
 
 
@@ -18,6 +19,11 @@ def explain(
     method: str = "gradcam",
     target: TargetSpec = None,
     layer: LayerSpec = "auto",
+    *,
+    noise_tunnel: str | None = None,
+    nt_samples: int = 10,
+    nt_noise: float = 0.15,
+    nt_seed: int = 0,
     **options: Any,
 ) -> Explanation:
     """Explain why ``model`` scored ``inputs`` as it did.
@@ -29,9 +35,16 @@ def explain(
         target: ``None`` (arg-max class), an ``int``, ``B`` ints, a callable
             ``output -> (B,) scores``, or a target object from :mod:`heatlens.targets`.
         layer: ``"auto"``, a module name as in ``model.named_modules()``, a module, or a list.
+        noise_tunnel: ``"smoothgrad"``, ``"smoothgrad_sq"`` or ``"vargrad"`` runs the method on
+            ``nt_samples`` noisy copies (noise ``nt_noise`` times the input's range, seeded by
+            ``nt_seed``) and combines them (see :class:`~heatlens.NoiseTunnel`).
         **options: the method's own options (for example ``relu=False``, ``fusion="tanh-max"``).
 
     Returns:
         An :class:`~heatlens.Explanation` with ``maps`` in [0, 1] at input resolution.
     """
-    return create_explainer(method, model, layer=layer, **options)(inputs, target=target)
+    explainer = create_explainer(method, model, layer=layer, **options)
+    if noise_tunnel is not None:
+        explainer = NoiseTunnel(explainer, noise_tunnel, samples=nt_samples, noise=nt_noise,
+                                seed=nt_seed)
+    return explainer(inputs, target=target)

@@ -22,6 +22,7 @@ from heatlens.methods.gradients import (
     IntegratedGradients,
     Saliency,
 )
+from heatlens.methods.perturbation import RISE, Occlusion
 from heatlens.methods.registry import create_explainer, list_methods, method_class, register
 from heatlens.methods.score import ISCAM, SSCAM, ScoreCAM
 from heatlens.methods.smooth import SmoothGradCAMPlusPlus
@@ -29,6 +30,7 @@ from heatlens.methods.smooth import SmoothGradCAMPlusPlus
 __all__ = [
     "CAM",
     "ISCAM",
+    "RISE",
     "SSCAM",
     "AblationCAM",
     "CAMExplainer",
@@ -46,6 +48,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedGradients",
     "LayerCAM",
+    "Occlusion",
     "Saliency",
     "ScoreCAM",
     "SmoothGradCAMPlusPlus",

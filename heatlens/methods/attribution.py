@@ -82,10 +82,14 @@ class AttributionExplainer(Explainer):
             scores = goal.score(output, classes)
         attributions, details = self.attribute(x, goal, classes)
         with torch.no_grad():
-            maps = attribution_maps(attributions)
+            maps = self.postprocess({"input": attributions}, x)
         return build_explanation(self.name, maps, {"input": attributions.detach()}, output, goal,
                                  classes, scores, ("input",), "attributions on the input",
                                  details)
+
+    def postprocess(self, raw: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The attributions ``raw["input"]`` to ``maps`` (see :func:`attribution_maps`)."""
+        return attribution_maps(raw["input"])
 
     def chunked_gradients(self, inputs: Tensor, target: Target, classes: Tensor,
                           rule: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:

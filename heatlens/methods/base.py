@@ -166,6 +166,13 @@ class CAMExplainer(Explainer):
         with torch.inference_mode(False):  # a no-op unless the caller is in inference mode
             return self._explain(x.clone() if x.is_inference() else x, target)
 
+    def postprocess(self, raw: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Raw maps by layer to ``maps`` in [0, 1] at the input's size: ReLU (unless
+        ``relu=False``), upsampling, min-max scaling, and the fusion of several layers."""
+        size = x.shape[2:]
+        shown = [upsample(m.clamp_min(0) if self.relu else m, size) for m in raw.values()]
+        return minmax(shown[0]) if len(shown) == 1 else FUSIONS[self.fusion](shown)
+
     def layer_map(self, call: LayerCall) -> Tensor:
         """The signed map of one layer. Methods that need more than the activations and
         gradients (the model, the inputs, the target) override this instead of :meth:`cam`."""
@@ -200,9 +207,7 @@ class CAMExplainer(Explainer):
         ]
         with torch.no_grad():
             raw = {call.name: self.layer_map(call).float() for call in calls}
-            size = x.shape[2:]
-            shown = [upsample(m.clamp_min(0) if self.relu else m, size) for m in raw.values()]
-            maps = minmax(shown[0]) if len(shown) == 1 else FUSIONS[self.fusion](shown)
+            maps = self.postprocess(raw, x)
         return build_explanation(self.name, maps, raw, captured.output, goal, classes, scores,
                                  choice.names, choice.reason)
 

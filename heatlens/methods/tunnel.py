@@ -1,0 +1,85 @@
+"""A noise tunnel around any method: SmoothGrad, SmoothGrad-squared and VarGrad."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from heatlens.budget import DEFAULT_BUDGET, items_per_chunk
+from heatlens.explanation import Explanation
+from heatlens.methods.attribution import AttributionExplainer
+from heatlens.methods.base import CAMExplainer, Explainer, _warn_if_training, as_batch
+from heatlens.methods.score import _generator
+from heatlens.targets import NO_CLASS, ClassLogit, TargetSpec, as_target
+
+KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+class NoiseTunnel(Explainer):
+    """Run ``explainer`` on ``samples`` noisy copies ``x + e_i`` of each input and combine the raw
+    maps: ``"smoothgrad"`` their mean (Smilkov et al., 2017, Eq. 2), ``"smoothgrad_sq"`` the mean
+    of their squares, ``"vargrad"`` their variance (Adebayo et al., 2018). The combined raw maps
+    then go through the method's own post-processing.
+
+    ``e_i ~ N(0, sigma^2)`` with ``sigma = noise * (max x - min x)`` per image (``noise`` is a
+    fraction of the input's range; SmoothGrad suggests 0.1 to 0.2). Noise sample ``i`` comes from
+    ``seed`` and ``i`` and is the same for every image. The class explained is the clean input's,
+    for every noisy copy. Copies run in chunks within ``memory_budget``.
+    """
+
+    def __init__(self, explainer: Explainer, kind: str = "smoothgrad", *, samples: int = 10,
+                 noise: float = 0.15, seed: int = 0,
+                 memory_budget: int = DEFAULT_BUDGET) -> None:
+        if not isinstance(explainer, CAMExplainer | AttributionExplainer):
+            raise TypeError(
+                f"a noise tunnel needs a CAM or attribution method, not {type(explainer).__name__}"
+            )
+        super().__init__(explainer.model)
+        if kind not in KINDS:
+            raise ValueError(f"noise tunnel kind must be one of {KINDS}, not {kind!r}")
+        if samples < 1 or noise < 0:
+            raise ValueError(f"samples must be >= 1 and noise >= 0, got {samples} and {noise}")
+        self.explainer, self.kind = explainer, kind
+        self.samples, self.noise, self.seed = samples, noise, seed
+        self.memory_budget = memory_budget
+        self.name = f"{explainer.name}+{kind}"
+
+    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
+        x = as_batch(inputs, self.model)
+        _warn_if_training(self.model)
+        clean = self.explainer(x, target)
+        goal = as_target(target)
+        fixed = isinstance(goal, ClassLogit) and bool((clean.targets != NO_CLASS).all())
+        batch = x.shape[0]
+        step = max(1, items_per_chunk(self.model, x[:1], self.memory_budget,
+                                      with_gradients=True) // batch)
+        reach = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, *[1] * (x.ndim - 1))
+        layers: dict[str, list[Tensor]] = {}
+        for first in range(0, self.samples, step):
+            count = min(step, self.samples - first)
+            draws = torch.stack([
+                torch.randn(x.shape[1:], device=x.device, dtype=x.dtype,
+                            generator=_generator(self.seed, i, x.device))
+                for i in range(first, first + count)
+            ])
+            noisy = (x[None] + self.noise * reach[None] * draws[:, None]).flatten(0, 1)
+            # every copy explains the clean input's class
+            copies_goal = type(goal)(clean.targets.repeat(count)) if fixed else goal
+            part = self.explainer(noisy, copies_goal)
+            for name, raw in part.raw_by_layer.items():
+                layers.setdefault(name, []).append(raw.reshape(count, batch, *raw.shape[1:]))
+        raw = {name: self._combine(torch.cat(parts)) for name, parts in layers.items()}
+        with torch.no_grad():
+            maps = self.explainer.postprocess(raw, x)
+        return Explanation(maps=maps, raw_by_layer=raw, targets=clean.targets,
+                           scores=clean.scores, probabilities=clean.probabilities,
+                           layers=clean.layers, method=self.name,
+                           layer_reason=clean.layer_reason, output=clean.output,
+                           details={"noise": self.noise, "samples": self.samples})
+
+    def _combine(self, samples: Tensor) -> Tensor:
+        if self.kind == "smoothgrad":
+            return samples.mean(dim=0)
+        if self.kind == "smoothgrad_sq":
+            return samples.pow(2).mean(dim=0)
+        return samples.var(dim=0, unbiased=False)
