@@ -25,10 +25,12 @@ from matplotlib.figure import Figure
 
 from heatlens import __version__
 from heatlens.api import explain as explain_inputs
+from heatlens.attribution_viz import attribution_image, auto_sign
 from heatlens.explanation import Explanation
 from heatlens.images import load_image, sample_image_path
 from heatlens.layers import auto_layer, candidate_layers
 from heatlens.methods import list_methods, method_class
+from heatlens.methods.attribution import AttributionExplainer
 from heatlens.models import DEFAULT_ARCH, LoadedModel, load_labels, load_model
 from heatlens.targets import TargetSpec, primary_output
 from heatlens.viz import figure_grid, save_figure
@@ -105,6 +107,22 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+VISUALS = ("auto", "heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
+"""The --visual choices: pictures of :mod:`heatlens.attribution_viz`, or ``auto``."""
+
+PICTURE_SIGNS = ("auto", "all", "positive", "negative", "absolute_value")
+"""The --sign choices."""
+
+_UNSIGNED_VISUALS = ("masked_image", "alpha_scaling")
+
+_SIGN_LEGENDS = {
+    "all": "red: negative, white: zero, green: positive attribution",
+    "positive": "green: positive attribution",
+    "negative": "red: negative attribution",
+    "absolute_value": "blue: attribution magnitude",
+}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="heatlens")
 def main() -> None:
@@ -124,7 +142,17 @@ def main() -> None:
               help="Layer to explain (see `heatlens layers`).")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Weight of the heatmap over the image.")
-@click.option("--cmap", default="jet", show_default=True, help="Matplotlib colormap.")
+@click.option("--cmap", default=None,
+              help="Matplotlib colormap [default: jet for CAM overlays; for signed pictures the "
+                   "sign's: red-white-green, Greens, Reds or Blues].")
+@click.option("--visual", type=click.Choice(VISUALS), default="auto", show_default=True,
+              help="Picture of each map. auto: attribution methods (saliency, integrated "
+                   "gradients, occlusion, ...) get a signed picture, blended_heat_map; CAM methods "
+                   "the --cmap overlay.")
+@click.option("--sign", type=click.Choice(PICTURE_SIGNS), default="auto", show_default=True,
+              help="Which attributions a signed picture shows. auto: all (green positive, red "
+                   "negative) when the map has both signs, else (and for masked_image and "
+                   "alpha_scaling) absolute_value.")
 @click.option("--rows", type=click.IntRange(min=1), default=1, show_default=True,
               help="Rows of the figure grid.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -132,15 +160,20 @@ def main() -> None:
                    "never overwriting].")
 @click.option("--show", is_flag=True, help="Also open the figure in a window.")
 def explain(images: tuple[Path, ...], spec: ModelSpec, methods: str, class_idx: int | None,
-            top_k: int | None, layer: str, alpha: float, cmap: str, rows: int,
-            out: Path | None, show: bool) -> None:
-    """Explain IMAGE(s) (default: a sample photo) and write an overlay figure.
+            top_k: int | None, layer: str, alpha: float, cmap: str | None, visual: str,
+            sign: str, rows: int, out: Path | None, show: bool) -> None:
+    """Explain IMAGE(s) (default: a sample photo) and write a figure.
 
-    Several images, methods or --top-k classes make one grid, a panel each, titled
-    "<method> | <label> | <probability>".
+    CAM methods are drawn as a heatmap over the image; attribution methods (saliency, input x
+    gradient, integrated gradients, occlusion, ...) as a signed picture, positive evidence green
+    and negative red over the image in grey (see --visual and --sign). Several images, methods or
+    --top-k classes make one grid, a panel each, titled "<method> | <label> | <probability>".
     """
     if class_idx is not None and top_k is not None:
         raise click.UsageError("use either --class-idx or --top-k, not both")
+    if sign == "all" and visual in _UNSIGNED_VISUALS:
+        raise click.UsageError(f"--visual {visual} cannot show both signs; use --sign positive, "
+                               "negative or absolute_value")
     if out is not None and not out.parent.is_dir():  # fail before the work, not after it
         raise click.ClickException(f"cannot write {out}: the directory {out.parent} does not exist")
     with _reported():
@@ -158,19 +191,48 @@ def explain(images: tuple[Path, ...], spec: ModelSpec, methods: str, class_idx: 
             for target in targets
         ]
         _check_labels(loaded.labels, results[0])
-        panels, titles = [], []
+        panels, titles, shown_signs = [], [], set()
         for index, path in enumerate(paths):
             for result in results:
-                panels.append(result.overlay(displays[index], index, alpha, cmap))
+                panel, shown = _panel(result, index, displays[index], visual, sign, alpha, cmap)
+                panels.append(panel)
+                shown_signs.add(shown)
                 titles.append(result.title(index, loaded.labels))
                 click.echo(f"{path.name}: {titles[-1]} (layer {', '.join(result.layers)})")
         figure = figure_grid(panels, titles, rows=rows)
+        if cmap is None and visual in ("auto", "heat_map", "blended_heat_map"):
+            _add_legend(figure, shown_signs)
         written = save_figure(figure, out) if out is not None else _save_new(
             figure, _default_name(paths, names)
         )
     click.echo(f"wrote {written}")
     if show:
         _show(figure)
+
+
+def _panel(result: Explanation, index: int, display: Any, visual: str, sign: str, alpha: float,
+           cmap: str | None) -> tuple[Any, str | None]:
+    """Panel ``index`` of ``result`` over ``display``, and the sign it shows (``None`` for a CAM
+    overlay). Attribution methods, and CAM methods with a --visual, get a picture of
+    :mod:`heatlens.attribution_viz`: of the signed attribution, or of the CAM map."""
+    attribution = issubclass(method_class(result.method), AttributionExplainer)
+    if visual == "auto" and not attribution:
+        return result.overlay(display, index, alpha, cmap or "jet"), None
+    values = result.raw_by_layer["input"][index] if attribution else result.maps[index]
+    method = "blended_heat_map" if visual == "auto" else visual
+    if sign == "auto":
+        sign = "absolute_value" if method in _UNSIGNED_VISUALS else auto_sign(values)
+    picture = attribution_image(values, display, method=method, sign=sign, cmap=cmap,
+                                alpha_overlay=alpha)
+    return picture, sign
+
+
+def _add_legend(figure: Figure, signs: set[str | None]) -> None:
+    """A line under the grid saying what the colours of its signed pictures mean."""
+    lines = [_SIGN_LEGENDS[sign] for sign in ("all", "positive", "negative", "absolute_value")
+             if sign in signs]
+    if lines:
+        figure.supxlabel("; ".join(lines), fontsize="medium")
 
 
 def _method_names(methods: str) -> list[str]:

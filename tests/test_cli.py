@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -173,6 +174,92 @@ def test_show_opens_a_window(run, monkeypatch):
     assert result.exit_code == 0, result.output
     assert len(shown) == 1
 
+
+
+# Signed pictures of attribution methods (heatlens.attribution_viz).
+
+
+@pytest.fixture
+def grid_panels(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Records the panels (as int arrays), titles and figure that ``heatlens explain`` lays out."""
+    import heatlens.cli
+
+    recorded: dict = {}
+    real = heatlens.cli.figure_grid
+
+    def recording(panels, titles, **kwargs):
+        recorded["panels"] = [np.asarray(panel, dtype=np.int64) for panel in panels]
+        recorded["titles"] = list(titles)
+        recorded["figure"] = real(panels, titles, **kwargs)
+        return recorded["figure"]
+
+    monkeypatch.setattr(heatlens.cli, "figure_grid", recording)
+    return recorded
+
+
+def grey_fraction(panel: np.ndarray) -> float:
+    """The fraction of pixels without colour (channels within 12 levels of each other)."""
+    return float(((panel.max(axis=2) - panel.min(axis=2)) < 12).mean())
+
+
+def green_pixels(panel: np.ndarray) -> int:
+    return int(((panel[..., 1] - panel[..., 0] > 40) & (panel[..., 1] - panel[..., 2] > 20)).sum())
+
+
+def red_pixels(panel: np.ndarray) -> int:
+    return int(((panel[..., 0] - panel[..., 1] > 40) & (panel[..., 0] - panel[..., 2] > 40)).sum())
+
+
+def test_attribution_methods_get_signed_pictures_in_one_grid(tmp_path, run, grid_panels):
+    result = run("explain", "--arch", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                 "--method", "saliency,guidedbackprop,gradcam")
+    assert result.exit_code == 0, result.output
+    assert [line.split(" | ")[0] for line in panel_lines(result)] == [
+        "chelsea.jpg: saliency", "chelsea.jpg: guidedbackprop", "chelsea.jpg: gradcam"]
+    assert all(" | Egyptian cat | 0." in title for title in grid_panels["titles"])
+    assert written(result) == Path("heatlens_chelsea.png")
+    grid = assert_png(tmp_path / "heatlens_chelsea.png")
+    assert grid.width > 2.5 * grid.height  # one grid, 1 x 3 panels
+    saliency, guided, gradcam = grid_panels["panels"]
+    for signed in (saliency, guided):  # green and red specks over the photo in grey
+        assert signed.shape == (224, 224, 3)
+        assert grey_fraction(signed) > 0.5
+        assert green_pixels(signed) > 50 and red_pixels(signed) > 50
+    assert grey_fraction(gradcam) < 0.2  # the jet overlay, as before
+    assert grid_panels["figure"].get_supxlabel().startswith("red: negative, white: zero")
+
+
+def test_sign_and_visual_options(run, grid_panels):
+    result = run("explain", "--arch", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                 "--method", "saliency,gradcam", "--visual", "heat_map", "--sign", "positive",
+                 "--out", "positive.png")
+    assert result.exit_code == 0, result.output
+    for panel in grid_panels["panels"]:  # Greens heat maps, no photo: CAMs too, with --visual
+        assert (panel[..., 1] >= panel[..., 0]).all() and (panel[..., 1] >= panel[..., 2]).all()
+    saliency = grid_panels["panels"][0]
+    assert (saliency == (247, 252, 245)).all(axis=2).mean() > 0.3  # Greens' 0: the negatives
+    assert grid_panels["figure"].get_supxlabel() == "green: positive attribution"
+
+    masked = run("explain", "--arch", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                 "--method", "saliency", "--visual", "masked_image", "--out", "masked.png")
+    assert masked.exit_code == 0, masked.output  # --sign auto: absolute_value
+    (panel,) = grid_panels["panels"]
+    assert (panel.max(axis=2) < 30).mean() > 0.5  # mostly masked out, dark
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--visual", "masked_image", "--sign", "all"], "--visual masked_image cannot show both"),
+        (["--visual", "alpha_scaling", "--sign", "all"], "--visual alpha_scaling cannot show"),
+        (["--sign", "both"], "'both' is not one of"),
+        (["--visual", "original_image"], "'original_image' is not one of"),
+    ],
+)
+def test_bad_sign_or_visual_is_a_usage_error(run, args, message):
+    result = run("explain", "--method", "saliency", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
 
 def test_methods_lists_names_aliases_and_summaries(run):
     result = run("methods")

@@ -2,8 +2,8 @@
 
 An attribution method returns ``(B, C, *spatial)``; the :class:`~heatlens.Explanation` keeps it
 signed and unscaled as ``raw_by_layer["input"]`` and shows ``maps`` = the absolute value of the
-channel sum, divided by its 98th percentile and clipped to [0, 1] (the 2 % outliers saturate, as
-in Captum's default picture). Signed pictures come from :mod:`heatlens.attribution_viz`.
+channel sum scaled as Captum's default picture does (:func:`percentile_scale`, 2 % outliers).
+Signed pictures come from :mod:`heatlens.attribution_viz`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ OUTLIER_PERCENT = 2.0
 
 
 def percentile_scale(maps: Tensor, outlier_percent: float = OUTLIER_PERCENT) -> Tensor:
-    """Divide each non-negative map by its ``100 - outlier_percent`` percentile and clip to
-    [0, 1]; an all-zero map stays zero."""
+    """Divide each non-negative map by the value at which the sorted values' running total
+    reaches ``100 - outlier_percent`` % of the whole (Captum's threshold), and clip to [0, 1];
+    the few largest values saturate. An all-zero map stays zero."""
     flat = maps.flatten(1).float()
-    top = torch.quantile(flat, 1 - outlier_percent / 100, dim=1, keepdim=True)
-    top = torch.where(top > 0, top, flat.amax(dim=1, keepdim=True))
+    values = flat.sort(dim=1).values
+    running = values.cumsum(dim=1)
+    reach = running[:, -1:] * (1 - outlier_percent / 100)
+    index = (running < reach).sum(dim=1, keepdim=True).clamp(max=flat.shape[1] - 1)
+    top = values.gather(1, index)
     scaled = torch.where(top > 0, flat / top.clamp_min(1e-30), torch.zeros_like(flat))
     return scaled.clamp(0, 1).reshape(maps.shape)
 
