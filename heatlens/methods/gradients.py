@@ -70,13 +70,15 @@ class _RuleReLU(torch.autograd.Function):
 
 
 _RELUS = {torch.relu, torch.relu_, F.relu, F.relu_, Tensor.relu, Tensor.relu_}
+_IN_PLACE = {torch.relu_, F.relu_, Tensor.relu_}
 
 
 class ReLURule(TorchFunctionMode):
     """While active on this thread, every ReLU, whether an ``nn.ReLU`` module (in place or not)
-    or ``torch.relu`` / ``F.relu`` called in a forward method, computes ``max(x, 0)`` out of
-    place with the backward rule of :class:`_RuleReLU`. Other activations (ReLU6, GELU) keep
-    their gradient, as in Captum. Nothing of the model is changed."""
+    or ``torch.relu`` / ``F.relu`` / ``x.relu_()`` called in a forward method, computes
+    ``max(x, 0)`` with the backward rule of :class:`_RuleReLU` (in place where the call was).
+    Other activations (ReLU6, GELU) keep their gradient, as in Captum. Nothing of the model is
+    changed."""
 
     def __init__(self, guided: bool) -> None:
         super().__init__()
@@ -84,9 +86,15 @@ class ReLURule(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
-        if func in _RELUS:
-            return _RuleReLU.apply(args[0], self.guided)
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func not in _RELUS:
+            return func(*args, **kwargs)
+        x = args[0]
+        out = _RuleReLU.apply(x, self.guided)
+        if func in _IN_PLACE or kwargs.get("inplace") or (len(args) > 1 and args[1] is True):
+            x.copy_(out)  # callers of an in-place ReLU may ignore its return value
+            return x
+        return out
 
 
 @register
