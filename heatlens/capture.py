@@ -99,7 +99,7 @@ def forward_with_capture(
             handles.append(module.register_forward_hook(make_hook(name)))
         if input_gradients:
             inputs = inputs.detach().requires_grad_(True)
-        with buffers_kept(model), torch.set_grad_enabled(input_gradients):
+        with torch.set_grad_enabled(input_gradients):
             output = model(inputs)
     finally:
         for handle in handles:

@@ -16,10 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from heatlens.budget import DEFAULT_BUDGET, items_per_chunk, progress
-from heatlens.capture import buffers_kept
 from heatlens.explanation import Explanation
 from heatlens.layers import LayerSpec
-from heatlens.methods.base import Explainer, _warn_if_training, as_batch, build_explanation
+from heatlens.methods.base import Explainer, build_explanation
 from heatlens.targets import Target, TargetSpec, as_target
 
 OUTLIER_PERCENT = 2.0
@@ -72,15 +71,9 @@ class AttributionExplainer(Explainer):
     def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
         """``(B, C, *spatial)`` attributions of ``classes`` and a dict of extra results."""
 
-    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
-        x = as_batch(inputs, self.model)
-        _warn_if_training(self.model)
-        with torch.inference_mode(False):
-            return self._explain(x.clone() if x.is_inference() else x, target)
-
     def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
         goal = as_target(target)
-        with buffers_kept(self.model), torch.no_grad():
+        with torch.no_grad():
             output = self.model(x)
             classes = goal.classes(output, x.shape[0]).to(x.device)
             scores = goal.score(output, classes)
@@ -118,7 +111,7 @@ def input_gradients(model: nn.Module, x: Tensor, target: Target, classes: Tensor
     """``d y_c / d x`` for each input and its class, and the scores ``y_c``. ``rule`` is a
     context (a torch function mode) that changes how gradients pass some operations."""
     leaf = x.detach().requires_grad_(True)
-    with buffers_kept(model), torch.enable_grad():
+    with torch.enable_grad():
         if rule is None:
             output = model(leaf)
         else:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from heatlens.capture import forward_with_capture, gradients_of
+from heatlens.capture import buffers_kept, forward_with_capture, gradients_of
 from heatlens.explanation import Explanation
 from heatlens.layers import LayerSpec, resolve_layers
 from heatlens.maps import FUSIONS, minmax, upsample
@@ -103,9 +103,19 @@ class Explainer(ABC):
         # torch.compile wraps the module: explain the module it wraps (same weights, same math).
         self.model: nn.Module = getattr(model, "_orig_mod", model)
 
-    @abstractmethod
     def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
-        """Explain ``inputs`` ``(B, C, *spatial)`` for ``target`` (see :mod:`heatlens.targets`)."""
+        """Explain ``inputs`` ``(B, C, *spatial)`` for ``target`` (see :mod:`heatlens.targets`).
+
+        The model's buffers are restored afterwards when it is in training mode (batch-norm
+        statistics do not move), and the call works from inside ``torch.inference_mode()``."""
+        x = as_batch(inputs, self.model)
+        _warn_if_training(self.model)
+        with buffers_kept(self.model), torch.inference_mode(False):
+            return self._explain(x.clone() if x.is_inference() else x, target)
+
+    @abstractmethod
+    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
+        """The method's work on a checked batch, outside inference mode."""
 
     def __enter__(self) -> Explainer:
         return self
@@ -159,12 +169,6 @@ class CAMExplainer(Explainer):
 
         A method defines this, or :meth:`layer_map` when it needs more."""
         raise NotImplementedError(f"{type(self).__name__} defines neither cam() nor layer_map()")
-
-    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
-        x = as_batch(inputs, self.model)
-        _warn_if_training(self.model)
-        with torch.inference_mode(False):  # a no-op unless the caller is in inference mode
-            return self._explain(x.clone() if x.is_inference() else x, target)
 
     def postprocess(self, raw: dict[str, Tensor], x: Tensor) -> Tensor:
         """Raw maps by layer to ``maps`` in [0, 1] at the input's size: ReLU (unless

@@ -11,7 +11,7 @@ from heatlens.capture import forward_with_capture, gradients_of
 from heatlens.explanation import Explanation
 from heatlens.layers import LayerSpec, resolve_layers
 from heatlens.maps import minmax, upsample
-from heatlens.methods.base import Explainer, _warn_if_training, as_batch, build_explanation
+from heatlens.methods.base import Explainer, build_explanation
 from heatlens.methods.registry import register
 from heatlens.targets import TargetSpec, as_target
 
@@ -69,12 +69,6 @@ class FullGrad(Explainer):
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto") -> None:
         super().__init__(model)
         self.layer = layer
-
-    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
-        x = as_batch(inputs, self.model)
-        _warn_if_training(self.model)
-        with torch.inference_mode(False):
-            return self._explain(x.clone() if x.is_inference() else x, target)
 
     def _layers(self, x: Tensor) -> tuple[list[tuple[str, nn.Module]], str]:
         if isinstance(self.layer, str) and self.layer == "auto":

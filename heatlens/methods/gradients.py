@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from heatlens.capture import buffers_kept
 from heatlens.layers import LayerSpec
 from heatlens.maps import upsample
 from heatlens.methods.attribution import AttributionExplainer
@@ -240,7 +239,7 @@ class IntegratedGradients(AttributionExplainer):
                                           classes.repeat(self.steps))
         average = (weights.reshape(shape) * grads.reshape(path.shape)).sum(dim=0)
         attributions = (x - base) * average
-        with buffers_kept(self.model), torch.no_grad():
+        with torch.no_grad():
             end_scores = target.score(self.model(torch.cat([x, base])), classes.repeat(2))
         gain = end_scores[: x.shape[0]] - end_scores[x.shape[0] :]
         delta = attributions.flatten(1).sum(1) - gain

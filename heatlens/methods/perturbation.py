@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heatlens.budget import items_per_chunk, progress
-from heatlens.capture import buffers_kept
 from heatlens.layers import LayerSpec
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.methods.registry import register
@@ -83,7 +82,7 @@ class Occlusion(AttributionExplainer):
                                       extra_per_item=x[0].numel() * 2) // batch)
         attribution = torch.zeros_like(x)
         covered = torch.zeros(x.shape[1:], device=x.device, dtype=x.dtype)
-        with buffers_kept(self.model), torch.inference_mode(), progress(
+        with torch.inference_mode(), progress(
                 total * batch, self.name, show=self.show_progress) as bar:
             clean = target.score(self.model(x), classes).float()
             for start in range(0, total, step):
@@ -158,7 +157,7 @@ class RISE(AttributionExplainer):
         step = max(1, items_per_chunk(self.model, x[:1], self.memory_budget,
                                       extra_per_item=x[0, 0].numel() * 4) // batch)
         saliency = torch.zeros(batch, *size, device=x.device)
-        with buffers_kept(self.model), torch.inference_mode(), progress(
+        with torch.inference_mode(), progress(
                 self.masks * batch, self.name, show=self.show_progress) as bar:
             for first in range(0, self.masks, step):
                 masks = self.random_masks(first, min(step, self.masks - first), size, x.device)

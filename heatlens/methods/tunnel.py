@@ -8,7 +8,7 @@ from torch import Tensor
 from heatlens.budget import DEFAULT_BUDGET, items_per_chunk
 from heatlens.explanation import Explanation
 from heatlens.methods.attribution import AttributionExplainer
-from heatlens.methods.base import CAMExplainer, Explainer, _warn_if_training, as_batch
+from heatlens.methods.base import CAMExplainer, Explainer
 from heatlens.methods.score import _generator
 from heatlens.targets import NO_CLASS, ClassLogit, TargetSpec, as_target
 
@@ -44,9 +44,7 @@ class NoiseTunnel(Explainer):
         self.memory_budget = memory_budget
         self.name = f"{explainer.name}+{kind}"
 
-    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
-        x = as_batch(inputs, self.model)
-        _warn_if_training(self.model)
+    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
         clean = self.explainer(x, target)
         goal = as_target(target)
         fixed = isinstance(goal, ClassLogit) and bool((clean.targets != NO_CLASS).all())
