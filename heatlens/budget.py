@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-DEFAULT_BUDGET = 1 << 30
-"""Memory budget of one call's perturbed batches, in bytes (1 GiB)."""
+DEFAULT_BUDGET = 256 << 20
+"""Memory budget of one call's perturbed batches, in bytes (256 MiB). Larger chunks gain
+little on a CPU: allocating a 1 GiB chunk for every pass cost MobileNetV2's Score-CAM twice the
+time of 128 MiB chunks, most of it in the kernel."""
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
