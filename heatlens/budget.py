@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
+from math import prod
 from typing import Any
 
 import torch
@@ -28,11 +29,10 @@ def sample_bytes(model: nn.Module, sample: Tensor, *, with_gradients: bool = Fal
 
     Measured once per model and shape from the sizes of every module's output on ``sample``
     (``(1, C, *spatial)``). Without gradients the peak is a few activations alive at once (taken
-    as five times the largest plus the input: a residual block holds its input, its branch and
-    the allocator's slack); with gradients autograd keeps every activation for the backward
-    pass and adds their gradients (taken as 2.5 times the sum). Measured on resnet50 at 224 px
-    with a 512 MiB budget (benchmarks/perturbation_speed.py), the peak resident memory of
-    Score-CAM and of 200-step integrated gradients stays within the budget.
+    as five times the largest: a residual block holds its input, its branch and the allocator's
+    slack); with gradients autograd keeps every activation for the backward pass and adds their
+    gradients (taken as 2.5 times the sum). Both add twice the largest unfolded input of a
+    convolution (the im2col workspace) and the input itself.
     """
     key = (tuple(sample.shape[1:]), sample.dtype, sample.device.type, with_gradients)
     cached = _CACHE.setdefault(model, {})
@@ -41,9 +41,14 @@ def sample_bytes(model: nn.Module, sample: Tensor, *, with_gradients: bool = Fal
     owner = threading.get_ident()
     sizes: list[int] = []
 
+    workspaces: list[int] = [0]
+
     def record(module: nn.Module, args: Any, output: Any) -> None:
         if threading.get_ident() == owner and isinstance(output, Tensor):
             sizes.append(output.numel() * output.element_size())
+            if isinstance(module, nn.modules.conv._ConvNd):  # the unfolded input (im2col)
+                per_position = module.in_channels // module.groups * prod(module.kernel_size)
+                workspaces.append(per_position * prod(output.shape[2:]) * output.element_size())
 
     handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
@@ -54,7 +59,8 @@ def sample_bytes(model: nn.Module, sample: Tensor, *, with_gradients: bool = Fal
             handle.remove()
     input_bytes = sample[:1].numel() * sample.element_size()
     largest = max(sizes, default=input_bytes)
-    estimate = (5 * sum(sizes)) // 2 + input_bytes if with_gradients else 5 * largest + input_bytes
+    passes = (5 * sum(sizes)) // 2 if with_gradients else 5 * largest
+    estimate = passes + 2 * max(workspaces) + input_bytes
     cached[key] = estimate
     return estimate
 

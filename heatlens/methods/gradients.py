@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from heatlens.budget import items_per_chunk, progress
 from heatlens.layers import LayerSpec
 from heatlens.maps import upsample
-from heatlens.methods.attribution import AttributionExplainer
+from heatlens.methods.attribution import AttributionExplainer, input_gradients
 from heatlens.methods.cam import GradCAM
 from heatlens.methods.registry import register
 from heatlens.targets import Target
@@ -233,11 +234,18 @@ class IntegratedGradients(AttributionExplainer):
         alphas, weights = (t.to(x.device, x.dtype) for t in integration_rule(self.rule,
                                                                              self.steps))
         base = self.baseline_for(x)
-        shape = (-1, *[1] * x.ndim)
-        path = base[None] + alphas.reshape(shape) * (x - base)[None]  # (steps, B, C, *S)
-        grads, _ = self.chunked_gradients(path.flatten(0, 1), target,
-                                          classes.repeat(self.steps))
-        average = (weights.reshape(shape) * grads.reshape(path.shape)).sum(dim=0)
+        batch, shape = x.shape[0], (-1, *[1] * x.ndim)
+        step = max(1, items_per_chunk(self.model, x[:1], self.memory_budget,
+                                      with_gradients=True) // batch)
+        average = torch.zeros_like(x)
+        with progress(self.steps * batch, self.name, show=self.show_progress) as bar:
+            for first in range(0, self.steps, step):  # a chunk of points at a time
+                a, w = alphas[first : first + step], weights[first : first + step]
+                points = base[None] + a.reshape(shape) * (x - base)[None]  # (k, B, C, *S)
+                grads, _ = input_gradients(self.model, points.flatten(0, 1), target,
+                                           classes.repeat(a.shape[0]))
+                average += (w.reshape(shape) * grads.reshape(points.shape)).sum(dim=0)
+                bar.update(points.shape[0] * batch)
         attributions = (x - base) * average
         with torch.no_grad():
             end_scores = target.score(self.model(torch.cat([x, base])), classes.repeat(2))
