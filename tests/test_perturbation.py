@@ -574,11 +574,11 @@ def test_tiny_budget_chunks_without_changing_maps(tiny, tiny_x, method):
 
 
 def test_scorecam_default_budget_uses_few_passes_on_resnet18(resnet_scorecam):
-    """512 channels x 2 images at 64 px: with the default 1 GiB budget the masked inputs go in
-    one or two chunks (plus the capture pass, the size measurement and the zero-mask pass), not
-    in hundreds of passes."""
+    """512 channels x 2 images at 64 px (1024 masked inputs): with the default 256 MiB budget
+    they go in chunks of about a hundred (about 11 passes, plus the capture pass, the size
+    measurement and the zero-mask pass), not in a thousand passes."""
     _, calls = resnet_scorecam
-    assert calls <= 8
+    assert calls <= 16
 
 
 @pytest.mark.parametrize("method", BUDGETED)
