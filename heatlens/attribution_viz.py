@@ -37,7 +37,7 @@ from matplotlib.colors import Colormap, LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
-from heatlens.viz import ImageLike, _colormap, to_rgb_array
+from heatlens.viz import ImageLike, colormap, float64_values, to_rgb_array
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -91,13 +91,7 @@ def attribution_map(attr: AttributionLike) -> np.ndarray:
         TypeError: For something other than a numpy array or torch tensor.
         ValueError: For other shapes, an empty attribution, or NaN or infinite values.
     """
-    if isinstance(attr, torch.Tensor):
-        values = attr.detach().cpu().to(torch.float64).numpy()
-    elif isinstance(attr, np.ndarray):
-        values = attr.astype(np.float64)
-    else:
-        msg = f"attr must be a numpy array or torch tensor, got {type(attr).__name__}"
-        raise TypeError(msg)
+    values = float64_values(attr, "attr")
     if values.ndim == 3:
         channels_last = values.shape[-1] in (1, 3) and values.shape[0] not in (1, 3)
         values = values.sum(axis=2 if channels_last else 0)
@@ -185,7 +179,7 @@ def sign_colormap(sign: str) -> tuple[Colormap, float, float]:
     _check_sign(sign)
     cmap = _SIGN_COLORMAPS[sign]
     low = -1.0 if sign == "all" else 0.0
-    return (_colormap(cmap) if isinstance(cmap, str) else cmap), low, 1.0
+    return (colormap(cmap) if isinstance(cmap, str) else cmap), low, 1.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,9 +250,9 @@ def _render(attr: AttributionLike, image: ImageLike | None, method: str, sign: s
     if rgb is not None:
         norm = _resized(norm, rgb.shape[:2])
     default, vmin, vmax = sign_colormap(sign)
-    colormap = default if cmap is None else cmap if isinstance(cmap, Colormap) else _colormap(cmap)
-    picture = _compose(norm, rgb, method, colormap, vmin, vmax, alpha_overlay)
-    scale = ScalarMappable(Normalize(vmin, vmax), colormap) if method in _HEAT_MAPS else None
+    colors = default if cmap is None else cmap if isinstance(cmap, Colormap) else colormap(cmap)
+    picture = _compose(norm, rgb, method, colors, vmin, vmax, alpha_overlay)
+    scale = ScalarMappable(Normalize(vmin, vmax), colors) if method in _HEAT_MAPS else None
     return np.rint(np.clip(picture, 0.0, 255.0)).astype(np.uint8), scale
 
 

@@ -108,9 +108,9 @@ def colorize(heatmap: HeatmapLike, cmap: str = "jet") -> np.ndarray:
     Raises:
         ValueError: For an unknown colormap, a heatmap that is not 2-D, or NaN values.
     """
-    colormap = _colormap(cmap)
+    colors = colormap(cmap)
     values = _heatmap_values(heatmap)
-    return colormap(values.clip(0.0, 1.0), bytes=True)[..., :3]
+    return colors(values.clip(0.0, 1.0), bytes=True)[..., :3]
 
 
 def overlay(
@@ -254,7 +254,8 @@ def _check_layout(panels: Sequence[ImageLike], rows: int) -> int:
     return count
 
 
-def _colormap(name: str) -> Colormap:
+def colormap(name: str) -> Colormap:
+    """The matplotlib colormap ``name``; a ``ValueError`` suggesting close names otherwise."""
     try:
         return matplotlib.colormaps[name]
     except KeyError:
@@ -269,14 +270,18 @@ def _colormap(name: str) -> Colormap:
         raise ValueError(msg) from None
 
 
+def float64_values(values: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+    """A tensor or array as a float64 numpy array; a ``TypeError`` naming ``what`` otherwise."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().to(torch.float64).numpy()
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64)
+    msg = f"{what} must be a numpy array or torch tensor, got {type(values).__name__}"
+    raise TypeError(msg)
+
+
 def _heatmap_values(heatmap: HeatmapLike) -> np.ndarray:
-    if isinstance(heatmap, torch.Tensor):
-        values = heatmap.detach().cpu().to(torch.float64).numpy()
-    elif isinstance(heatmap, np.ndarray):
-        values = heatmap.astype(np.float64)
-    else:
-        msg = f"heatmap must be a numpy array or torch tensor, got {type(heatmap).__name__}"
-        raise TypeError(msg)
+    values = float64_values(heatmap, "heatmap")
     if values.ndim != 2:
         msg = (
             f"heatmap must be 2-D (H, W), got shape {tuple(values.shape)}; "
