@@ -11,7 +11,7 @@ from heatlens.budget import DEFAULT_BUDGET, progress
 from heatlens.capture import output_replaced
 from heatlens.layers import LayerSpec
 from heatlens.methods.base import CAMExplainer, LayerCall
-from heatlens.methods.cam import _per_channel, _safe_divide
+from heatlens.methods.cam import per_channel, safe_divide
 from heatlens.methods.registry import register
 
 
@@ -81,8 +81,8 @@ class AblationCAM(CAMExplainer):
                     ablated[b, start : span.stop] = scores
                     bar.update(len(span))
         original = call.scores.float()[:, None]
-        weights = _safe_divide(original - ablated, original.expand_as(ablated))
-        return _per_channel(weights.to(acts.dtype), acts)
+        weights = safe_divide(original - ablated, original.expand_as(ablated))
+        return per_channel(weights.to(acts.dtype), acts)
 
     def _cut_scores(self, call: LayerCall, image: Tensor, cls: Tensor, clean: Tensor,
                     copies: Tensor, expected: Tensor) -> Tensor | None:

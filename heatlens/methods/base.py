@@ -109,7 +109,7 @@ class Explainer(ABC):
         The model's buffers are restored afterwards when it is in training mode (batch-norm
         statistics do not move), and the call works from inside ``torch.inference_mode()``."""
         x = as_batch(inputs, self.model)
-        _warn_if_training(self.model)
+        warn_if_training(self.model)
         with buffers_kept(self.model), torch.inference_mode(False):
             return self._explain(x.clone() if x.is_inference() else x, target)
 
@@ -127,7 +127,7 @@ class Explainer(ABC):
         return f"{type(self).__name__}(model={type(self.model).__name__})"
 
 
-def _warn_if_training(model: nn.Module) -> None:
+def warn_if_training(model: nn.Module) -> None:
     if model.training:
         warnings.warn(
             "the model is in training mode (dropout and batch-norm statistics change the "

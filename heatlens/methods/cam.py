@@ -15,12 +15,12 @@ from heatlens.methods.base import CAMExplainer
 from heatlens.methods.registry import register
 
 
-def _per_channel(weights: Tensor, activations: Tensor) -> Tensor:
+def per_channel(weights: Tensor, activations: Tensor) -> Tensor:
     """``sum_k w_k A^k``: channel weights ``(B, C)`` applied to activations ``(B, C, *spatial)``."""
     return (weights.reshape(*weights.shape, *[1] * (activations.ndim - 2)) * activations).sum(1)
 
 
-def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     """``numerator / denominator`` where the denominator is non-zero, else 0."""
     nonzero = denominator != 0
     return numerator * nonzero / denominator.where(nonzero, 1.0)
@@ -68,7 +68,7 @@ class CAM(CAMExplainer):
             raise ValueError(
                 f"CAM needs class indices in 0..{self.fc.out_features - 1} of the linear layer"
             )
-        return _per_channel(self.fc.weight[classes].to(activations.dtype), activations)
+        return per_channel(self.fc.weight[classes].to(activations.dtype), activations)
 
 
 @register
@@ -81,7 +81,7 @@ class GradCAM(CAMExplainer):
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
-        return _per_channel(gradients.mean(dim=spatial_dims(gradients)), activations)
+        return per_channel(gradients.mean(dim=spatial_dims(gradients)), activations)
 
 
 @register
@@ -99,8 +99,8 @@ class GradCAMPlusPlus(CAMExplainer):
         g2 = gradients.pow(2)
         g3 = g2 * gradients
         total = activations.sum(dim=dims, keepdim=True)
-        alpha = _safe_divide(g2, 2 * g2 + total * g3)
-        return _per_channel((alpha * gradients.clamp_min(0)).sum(dim=dims), activations)
+        alpha = safe_divide(g2, 2 * g2 + total * g3)
+        return per_channel((alpha * gradients.clamp_min(0)).sum(dim=dims), activations)
 
 
 @register
@@ -115,8 +115,8 @@ class XGradCAM(CAMExplainer):
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
         dims = spatial_dims(activations)
-        weights = _safe_divide((gradients * activations).sum(dim=dims), activations.sum(dim=dims))
-        return _per_channel(weights, activations)
+        weights = safe_divide((gradients * activations).sum(dim=dims), activations.sum(dim=dims))
+        return per_channel(weights, activations)
 
 
 @register

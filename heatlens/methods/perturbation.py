@@ -15,7 +15,7 @@ from heatlens.budget import items_per_chunk, progress
 from heatlens.layers import LayerSpec
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.methods.registry import register
-from heatlens.methods.score import _generator
+from heatlens.methods.score import seeded_generator
 from heatlens.targets import ClassLogit, Target, primary_output
 
 
@@ -141,7 +141,7 @@ class RISE(AttributionExplainer):
         up = [(self.cells + 1) * c for c in cell]
         masks = []
         for i in range(first, first + count):
-            generator = _generator(self.seed, i, device)
+            generator = seeded_generator(self.seed, i, device)
             grid = (torch.rand((self.cells,) * spatial, generator=generator, device=device)
                     < self.p).float()
             shift = [int(torch.randint(0, c, (1,), generator=generator, device=device))

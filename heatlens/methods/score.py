@@ -18,7 +18,7 @@ from heatlens.budget import DEFAULT_BUDGET, items_per_chunk, progress
 from heatlens.layers import LayerSpec
 from heatlens.maps import minmax, upsample
 from heatlens.methods.base import CAMExplainer, LayerCall
-from heatlens.methods.cam import _per_channel
+from heatlens.methods.cam import per_channel
 from heatlens.methods.registry import register
 from heatlens.targets import ClassLogit, primary_output
 
@@ -115,7 +115,7 @@ class ScoreFamily(CAMExplainer):
         weights = totals / self.samples
         if self.variant == "softmax":
             weights = weights.softmax(dim=1)
-        return _per_channel(weights.to(acts.dtype), acts)
+        return per_channel(weights.to(acts.dtype), acts)
 
 
 @register
@@ -157,7 +157,7 @@ class SSCAM(ScoreFamily):
     def perturb(self, masks: Tensor, first_channel: int) -> Tensor:
         noise = torch.stack([
             torch.randn((self.samples, *masks.shape[2:]), device=masks.device,
-                        generator=_generator(self.seed, first_channel + k, masks.device))
+                        generator=seeded_generator(self.seed, first_channel + k, masks.device))
             for k in range(masks.shape[1])
         ])  # (n, N, *S), the same for every image
         return masks[:, :, None] + self.noise * noise[None]
@@ -189,6 +189,6 @@ class ISCAM(ScoreFamily):
         return masks[:, :, None] * steps.reshape(1, 1, -1, *[1] * (masks.ndim - 2))
 
 
-def _generator(seed: int, stream: int, device: torch.device) -> Generator:
+def seeded_generator(seed: int, stream: int, device: torch.device) -> Generator:
     """A generator seeded from ``seed`` and a stream number (a channel, a sample)."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + stream)

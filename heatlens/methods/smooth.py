@@ -10,9 +10,9 @@ from heatlens.capture import forward_with_capture, gradients_of
 from heatlens.layers import LayerSpec
 from heatlens.maps import spatial_dims
 from heatlens.methods.base import CAMExplainer, LayerCall
-from heatlens.methods.cam import _per_channel, _safe_divide
+from heatlens.methods.cam import per_channel, safe_divide
 from heatlens.methods.registry import register
-from heatlens.methods.score import _generator
+from heatlens.methods.score import seeded_generator
 
 
 @register
@@ -52,7 +52,8 @@ class SmoothGradCAMPlusPlus(CAMExplainer):
         """Noise samples ``first ... first + count - 1``: ``(count, B, *x.shape[1:])``."""
         reach = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(1, -1, *[1] * (x.ndim - 1))
         draws = torch.stack([
-            torch.randn(x.shape[1:], device=x.device, generator=_generator(self.seed, i, x.device))
+            torch.randn(x.shape[1:], device=x.device,
+                        generator=seeded_generator(self.seed, i, x.device))
             for i in range(first, first + count)
         ])
         return self.noise * reach * draws[:, None]
@@ -78,5 +79,5 @@ class SmoothGradCAMPlusPlus(CAMExplainer):
                 bar.update(count * batch)
         d1, d2, d3 = (total / self.samples for total in moments)
         dims = spatial_dims(acts)
-        alpha = _safe_divide(d2, 2 * d2 + acts.sum(dim=dims, keepdim=True) * d3)
-        return _per_channel((alpha * d1.clamp_min(0)).sum(dim=dims), acts)
+        alpha = safe_divide(d2, 2 * d2 + acts.sum(dim=dims, keepdim=True) * d3)
+        return per_channel((alpha * d1.clamp_min(0)).sum(dim=dims), acts)

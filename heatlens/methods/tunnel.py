@@ -9,7 +9,7 @@ from heatlens.budget import DEFAULT_BUDGET, items_per_chunk
 from heatlens.explanation import Explanation
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.methods.base import CAMExplainer, Explainer
-from heatlens.methods.score import _generator
+from heatlens.methods.score import seeded_generator
 from heatlens.targets import NO_CLASS, ClassLogit, TargetSpec, as_target
 
 KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -57,7 +57,7 @@ class NoiseTunnel(Explainer):
             count = min(step, self.samples - first)
             draws = torch.stack([
                 torch.randn(x.shape[1:], device=x.device, dtype=x.dtype,
-                            generator=_generator(self.seed, i, x.device))
+                            generator=seeded_generator(self.seed, i, x.device))
                 for i in range(first, first + count)
             ])
             noisy = (x[None] + self.noise * reach[None] * draws[:, None]).flatten(0, 1)
