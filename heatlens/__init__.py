@@ -8,6 +8,9 @@
 """
 
 from heatlens.api import explain
+from heatlens.boxes import draw_boxes, overlay_with_boxes
+from heatlens.concepts import Concepts, factorize
+from heatlens.detection import BoxScore
 from heatlens.explanation import Explanation
 from heatlens.images import load_image, sample_image_path
 from heatlens.layers import candidate_layers
@@ -42,6 +45,7 @@ from heatlens.methods import (
 from heatlens.methods.tunnel import NoiseTunnel
 from heatlens.models import LoadedModel, load_labels, load_model
 from heatlens.presets import IMAGENET, Preset
+from heatlens.segmentation import ClassRegion
 from heatlens.targets import (
     BinaryOutput,
     CallableTarget,
@@ -61,9 +65,12 @@ __all__ = [
     "SSCAM",
     "AblationCAM",
     "BinaryOutput",
+    "BoxScore",
     "CallableTarget",
     "ClassLogit",
     "ClassProbability",
+    "ClassRegion",
+    "Concepts",
     "Deconvnet",
     "EigenCAM",
     "EigenGradCAM",
@@ -92,10 +99,13 @@ __all__ = [
     "__version__",
     "candidate_layers",
     "create_explainer",
+    "draw_boxes",
     "explain",
+    "factorize",
     "list_methods",
     "load_image",
     "load_labels",
     "load_model",
+    "overlay_with_boxes",
     "sample_image_path",
 ]

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from heatlens import __version__
 from heatlens.api import explain as explain_inputs
 from heatlens.attribution_viz import attribution_image, auto_sign
+from heatlens.concepts import factorize
 from heatlens.explanation import Explanation
 from heatlens.images import load_image, sample_image_path
 from heatlens.layers import auto_layer, candidate_layers
@@ -33,6 +34,7 @@ from heatlens.methods import list_methods, method_class
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.models import DEFAULT_ARCH, LoadedModel, load_labels, load_model
 from heatlens.targets import TargetSpec, primary_output
+from heatlens.tasks import TASKS, load_task_model, task_panels
 from heatlens.viz import figure_grid, save_figure
 
 
@@ -138,6 +140,12 @@ def main() -> None:
               help="Explain this class instead of the predicted one.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None,
               help="Explain each of the K most likely classes.")
+@click.option("--task", type=click.Choice(TASKS), default="classification", show_default=True,
+              help="segmentation: explain the pixels predicted as --class-idx (default: the "
+                   "class predicted at most pixels); detection: explain the detections scoring "
+                   "at least --score-threshold (of label --class-idx, if given), boxes drawn.")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="With --task detection: the least score of a detection to explain.")
 @click.option("--layer", default="auto", show_default=True,
               help="Layer to explain (see `heatlens layers`).")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -160,8 +168,9 @@ def main() -> None:
                    "never overwriting].")
 @click.option("--show", is_flag=True, help="Also open the figure in a window.")
 def explain(images: tuple[Path, ...], spec: ModelSpec, methods: str, class_idx: int | None,
-            top_k: int | None, layer: str, alpha: float, cmap: str | None, visual: str,
-            sign: str, rows: int, out: Path | None, show: bool) -> None:
+            top_k: int | None, task: str, score_threshold: float, layer: str, alpha: float,
+            cmap: str | None, visual: str, sign: str, rows: int, out: Path | None,
+            show: bool) -> None:
     """Explain IMAGE(s) (default: a sample photo) and write a figure.
 
     CAM methods are drawn as a heatmap over the image; attribution methods (saliency, input x
@@ -176,6 +185,12 @@ def explain(images: tuple[Path, ...], spec: ModelSpec, methods: str, class_idx: 
                                "negative or absolute_value")
     if out is not None and not out.parent.is_dir():  # fail before the work, not after it
         raise click.ClickException(f"cannot write {out}: the directory {out.parent} does not exist")
+    if task != "classification":
+        if top_k is not None or visual != "auto" or sign != "auto":
+            raise click.UsageError(f"--top-k, --visual and --sign do not apply to --task {task}")
+        _explain_task(task, images, spec, methods, class_idx, score_threshold, layer, alpha,
+                      cmap or "jet", rows, out, show)
+        return
     with _reported():
         names = _method_names(methods)
         paths = list(images) or [sample_image_path()]
@@ -202,6 +217,33 @@ def explain(images: tuple[Path, ...], spec: ModelSpec, methods: str, class_idx: 
         figure = figure_grid(panels, titles, rows=rows)
         if cmap is None and visual in ("auto", "heat_map", "blended_heat_map"):
             _add_legend(figure, shown_signs)
+        written = save_figure(figure, out) if out is not None else _save_new(
+            figure, _default_name(paths, names)
+        )
+    click.echo(f"wrote {written}")
+    if show:
+        _show(figure)
+
+
+def _explain_task(task: str, images: tuple[Path, ...], spec: ModelSpec, methods: str,
+                  class_idx: int | None, score_threshold: float, layer: str, alpha: float,
+                  cmap: str, rows: int, out: Path | None, show: bool) -> None:
+    """``explain --task segmentation | detection``: one panel per image and method, each image
+    explained on its own (see :mod:`heatlens.tasks`)."""
+    with _reported():
+        names = _method_names(methods)
+        paths = list(images) or [sample_image_path()]
+        loaded = load_task_model(task, spec)
+        click.echo(f"model: {loaded.name}")
+        panels, titles = [], []
+        for path in paths:
+            for panel in task_panels(task, loaded, load_image(path), names, class_idx=class_idx,
+                                     score_threshold=score_threshold, layer=layer, alpha=alpha,
+                                     cmap=cmap, device=spec.device):
+                panels.append(panel.picture)
+                titles.append(panel.title)
+                click.echo(f"{path.name}: {panel.title} (layer {', '.join(panel.result.layers)})")
+        figure = figure_grid(panels, titles, rows=rows)
         written = save_figure(figure, out) if out is not None else _save_new(
             figure, _default_name(paths, names)
         )
@@ -315,6 +357,58 @@ def _show(figure: Figure) -> None:
     axes.imshow(np.asarray(canvas.buffer_rgba()))
     axes.set_axis_off()
     plt.show()
+
+
+@main.command("concepts")
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@_model_options
+@click.option("--n-components", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Number of concepts to find (NMF components).")
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Classes named per concept.")
+@click.option("--layer", default="auto", show_default=True,
+              help="Layer to factorize (see `heatlens layers`).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the factorization (same seed, same concepts).")
+@click.option("--image-weight", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Weight of the image where a concept is at full strength.")
+@click.option("--cmap", default="gist_rainbow", show_default=True,
+              help="Matplotlib colormap the concept colours are taken from.")
+@click.option("--rows", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rows of the figure grid.")
+@click.option("-o", "--out", "--savefig", "out", type=click.Path(path_type=Path), default=None,
+              help="Figure to write; never overwritten: -1, -2, ... is appended when the name is "
+                   "taken [default: heatlens_<image>_concepts.png].")
+@click.option("--show", is_flag=True, help="Also open the figure in a window.")
+def concepts_command(images: tuple[Path, ...], spec: ModelSpec, n_components: int, top_k: int,
+                     layer: str, seed: int, image_weight: float, cmap: str, rows: int,
+                     out: Path | None, show: bool) -> None:
+    """Find concepts in IMAGE(s) (default: a sample photo) with Deep Feature Factorization.
+
+    The layer's activations over all images are factorized into --n-components concepts
+    (Collins et al., ECCV 2018); each is named by the model's classifier. The figure colours
+    each pixel by its strongest concept, with a legend of each concept's top classes.
+    """
+    if out is not None and not out.parent.is_dir():  # fail before the work, not after it
+        raise click.ClickException(f"cannot write {out}: the directory {out.parent} does not exist")
+    with _reported():
+        paths = list(images) or [sample_image_path()]
+        pictures = [load_image(path) for path in paths]
+        loaded = spec.load()
+        click.echo(f"model: {loaded.name}")
+        inputs, displays = loaded.preset(pictures)
+        found = factorize(loaded.model, inputs.to(spec.device), n_components, layer,
+                          top_k=top_k, seed=seed)
+        click.echo(f"layer: {found.layer}; relative reconstruction error "
+                   f"{found.relative_error:.3f} after {found.iterations} iterations")
+        for line in found.legend(loaded.labels):
+            click.echo(f"concept {line}")
+        figure = found.figure(displays, labels=loaded.labels, titles=[p.name for p in paths],
+                              image_weight=image_weight, cmap=cmap, rows=rows)
+        written = _save_new(figure, str(out or _default_name(paths, ["concepts"])))
+    click.echo(f"wrote {written}")
+    if show:
+        _show(figure)
 
 
 @main.command("methods")

@@ -155,8 +155,36 @@ def candidate_layers(model: nn.Module, inputs: Tensor) -> list[Candidate]:
     return [c for c in candidates if last[c.name] is c]
 
 
+def backbone_stage(model: nn.Module) -> tuple[str, str] | None:
+    """The deepest stage that a torchvision dense-prediction backbone returns, or ``None``.
+
+    torchvision's segmentation models (FCN, DeepLabV3, LR-ASPP) read their features through an
+    ``IntermediateLayerGetter`` at ``model.backbone``, its detectors (Faster / Mask / Keypoint
+    R-CNN, RetinaNet, FCOS) through one at ``model.backbone.body`` under the FPN. The deepest
+    returned stage (``layer4`` of a ResNet, ``16`` of MobileNetV3) is the last feature map that
+    the whole output depends on: the head after it maps features to K class scores (the role of
+    a classifier's linear layer, which is not explained either), and every FPN level is computed
+    from it, while a single FPN level only feeds the boxes assigned to that level.
+    """
+    backbone = getattr(model, "backbone", None)
+    for prefix, getter in (("backbone.body", getattr(backbone, "body", None)),
+                           ("backbone", backbone)):
+        returned = getattr(getter, "return_layers", None)
+        if isinstance(getter, nn.ModuleDict) and isinstance(returned, dict) and returned:
+            stage = [name for name in getter if name in returned][-1]
+            return f"{prefix}.{stage}", (
+                f"'{prefix}.{stage}' is the deepest stage that the backbone of this "
+                f"{type(model).__name__} returns (as {returned[stage]!r}); the task head reads "
+                "its features from there"
+            )
+    return None
+
+
 def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:
     """Choose the layer to explain (see the module docstring); returns (name, reason)."""
+    known = backbone_stage(model)
+    if known is not None:
+        return known
     candidates, takes_input = _probe(model, inputs[:1])
     modules = dict(model.named_modules())
     usable = [

@@ -1,0 +1,478 @@
+"""Deep Feature Factorization: the concepts a layer found in images, where they are, what they are.
+
+Collins, Achanta and Süsstrunk, "Deep Feature Factorization for Concept Discovery", ECCV 2018
+(Sec. 3): the activations of one layer over ``B`` images, ``A ∈ R^{N x C}`` with one row per
+spatial position (``N = B · h · w``) and one column per channel, are non-negative after a ReLU,
+and their non-negative matrix factorization ``A ≈ W H`` with ``k`` components splits them into
+
+- ``H ∈ R^{k x C}``, ``H ≥ 0``: ``k`` concept embeddings, each a pattern of channel activity;
+- ``W ∈ R^{N x k}``, ``W ≥ 0``: how strongly each concept is present at each position, which
+  reshaped to ``(B, k, h, w)`` gives one heatmap per concept and image.
+
+The factorization is shared by the whole batch, so a concept found in one image is looked for in
+all of them. As in pytorch-grad-cam's ``DeepFeatureFactorization``, a concept is named by passing
+its embedding through the model's classifier head (the part after global pooling), as if an image
+held nothing but that concept everywhere.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor, nn
+
+from heatlens.capture import buffers_kept, forward_with_capture
+from heatlens.layers import LayerSpec, _module_by_name, resolve_layers
+from heatlens.maps import spatial_dims, upsample
+from heatlens.methods.base import as_batch, warn_if_training
+from heatlens.targets import primary_output
+from heatlens.viz import ImageLike
+
+__all__ = ["Concepts", "Factorization", "factorize", "nmf"]
+
+HeadSpec = str | nn.Module | Callable[[Tensor], Tensor] | None
+"""The classifier head: ``"auto"``, a module name, a module or callable ``(k, C) -> (k, K)``
+scores, or ``None`` for no labels."""
+
+_HEAD_NAMES = ("fc", "classifier", "_fc", "head")
+_CHECK_EVERY = 10  # iterations between two evaluations of the reconstruction error
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """``A ≈ W H`` found by :func:`nmf`.
+
+    Attributes:
+        weights: ``W``, ``(N, k)``, non-negative; each column's maximum is 1 (or the column is 0).
+        components: ``H``, ``(k, C)``, non-negative.
+        relative_error: ``||A - W H||_F / ||A||_F`` (0 for ``A = 0``).
+        iterations: multiplicative-update iterations run.
+        converged: whether the tolerance was met before ``max_iter``.
+    """
+
+    weights: Tensor
+    components: Tensor
+    relative_error: float
+    iterations: int
+    converged: bool
+
+
+def nmf(matrix: Tensor, n_components: int, *, seed: int = 0, max_iter: int = 1000,
+        tol: float = 1e-5) -> Factorization:
+    """Non-negative matrix factorization ``A ≈ W H`` minimising ``||A - W H||_F^2``.
+
+    Multiplicative updates of Lee and Seung ("Algorithms for Non-negative Matrix Factorization",
+    NIPS 2001, Theorem 1), which never increase the error and keep both factors non-negative::
+
+        H <- H * (W^T A) / (W^T W H)
+        W <- W * (A H^T) / (W H H^T)
+
+    Each denominator is clamped at the smallest normal float of the dtype, a guard against 0 / 0
+    that leaves every other value as it is. ``W`` and ``H`` start uniform in
+    ``[0, sqrt(mean(A) / k))``, drawn from a generator seeded with ``seed`` on the matrix's device
+    (the global random state is not used). Every 10 iterations the relative error
+    ``e = ||A - W H||_F / ||A||_F`` is evaluated; the updates stop when ``e`` fell by at most
+    ``tol`` times its previous value over those 10 iterations, or after ``max_iter`` iterations.
+
+    The result is put in a canonical form, since ``(W D, D^-1 H)`` fits equally well for any
+    positive diagonal ``D``: each column of ``W`` is scaled to a maximum of 1 (so a row of ``H`` is
+    the concept at its strongest position), and components are ordered by their part of the
+    reconstruction, ``||W_j||_2 · ||H_j||_2``, largest first.
+
+    Args:
+        matrix: ``A``, ``(N, C)``, non-negative, finite. Computed in float32, or float64 if given.
+        n_components: ``k >= 1``; at most ``C`` is useful.
+        seed: seed of the initialisation; the same seed gives the same result.
+        max_iter: maximum number of iterations, ``>= 1``.
+        tol: relative tolerance of the stopping rule, ``>= 0`` (0: run ``max_iter`` iterations).
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"nmf needs a matrix (N, C), got shape {tuple(matrix.shape)}")
+    _check_int(n_components, "n_components", 1)
+    _check_int(max_iter, "max_iter", 1)
+    _check_int(seed, "seed", None)
+    if not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    work = matrix.detach().to(torch.promote_types(matrix.dtype, torch.float32))
+    if not bool(torch.isfinite(work).all()):
+        raise ValueError("nmf needs a finite matrix; the activations hold NaN or infinite values")
+    if bool((work < 0).any()):
+        raise ValueError("nmf needs a non-negative matrix; clamp it at 0 first (A.clamp_min(0))")
+    rows, cols = work.shape
+    norm = torch.linalg.matrix_norm(work)
+    if float(norm) == 0.0:
+        zeros = work.new_zeros
+        return Factorization(zeros(rows, n_components), zeros(n_components, cols), 0.0, 0, True)
+
+    generator = torch.Generator(device=work.device).manual_seed(seed)
+    scale = (work.mean() / n_components).sqrt()
+    w = torch.rand(rows, n_components, generator=generator, device=work.device,
+                   dtype=work.dtype) * scale
+    h = torch.rand(n_components, cols, generator=generator, device=work.device,
+                   dtype=work.dtype) * scale
+    tiny = torch.finfo(work.dtype).tiny
+    previous = float("inf")
+    converged = False
+    iteration = 0
+    while iteration < max_iter:
+        iteration += 1
+        h = h * (w.T @ work) / ((w.T @ w) @ h).clamp_min(tiny)
+        w = w * (work @ h.T) / (w @ (h @ h.T)).clamp_min(tiny)
+        if iteration % _CHECK_EVERY == 0:
+            error = float(torch.linalg.matrix_norm(work - w @ h) / norm)
+            if previous < float("inf") and previous - error <= tol * previous:
+                converged = True
+                break
+            previous = error
+    error = float(torch.linalg.matrix_norm(work - w @ h) / norm)
+    w, h = _canonical(w, h)
+    return Factorization(w, h, error, iteration, converged)
+
+
+def _canonical(w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale each column of ``w`` to a maximum of 1 (``h`` inversely) and order the components
+    by ``||w_j|| · ||h_j||``, largest first."""
+    peak = w.amax(dim=0)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    w, h = w / peak, h * peak[:, None]
+    order = torch.argsort(torch.linalg.vector_norm(w, dim=0) * torch.linalg.vector_norm(h, dim=1),
+                          descending=True, stable=True)
+    return w[:, order], h[order]
+
+
+@dataclass(frozen=True, eq=False)
+class Concepts:
+    """What :func:`factorize` found: ``k`` concepts shared by a batch of ``B`` images.
+
+    Attributes:
+        maps: ``(B, k, *input_spatial)`` float32 in [0, 1]: ``raw`` upsampled (bilinear) to the
+            input's size.
+        raw: ``(B, k, *feature_spatial)``: ``W`` of the factorization at the layer's resolution,
+            each concept scaled to a maximum of 1 over the batch (no other scaling).
+        embeddings: ``(k, C)``: ``H``, each concept's channel vector at its strongest position.
+        scores: ``(k, K)`` the classifier head's outputs for the embeddings, or ``None`` without
+            a head.
+        classes: ``(k, top_k)`` long, the most likely classes of each concept, or ``None``.
+        probabilities: ``(k, top_k)`` their softmax probabilities (over the ``K`` outputs), or
+            ``None``.
+        relative_error: ``||A - W H||_F / ||A||_F`` of the factorized (non-negative) activations.
+        iterations: multiplicative-update iterations run.
+        converged: whether the tolerance was met before the iteration limit.
+        layer: the layer factorized.
+        layer_reason: how the layer was chosen.
+        head: how the classifier head was found (``""`` without a head).
+        notes: what was done to the data on the way (negative activations set to 0).
+    """
+
+    maps: Tensor
+    raw: Tensor
+    embeddings: Tensor
+    scores: Tensor | None
+    classes: Tensor | None
+    probabilities: Tensor | None
+    relative_error: float
+    iterations: int
+    converged: bool
+    layer: str
+    layer_reason: str = ""
+    head: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def n_components(self) -> int:
+        """The number of concepts ``k``."""
+        return self.embeddings.shape[0]
+
+    def legend(self, labels: Sequence[str] | None = None) -> list[str]:
+        """One line per concept: its top classes with probabilities, e.g.
+        ``"1: Egyptian cat 0.96, tabby 0.03"`` (``"class 285"`` without ``labels``); just the
+        number without a head."""
+        if self.classes is None or self.probabilities is None or self.scores is None:
+            return [f"{j + 1}" for j in range(self.n_components)]
+        if labels is not None and len(labels) != self.scores.shape[1]:
+            raise ValueError(
+                f"got {len(labels)} labels for a head with {self.scores.shape[1]} outputs; give "
+                "one label per class, in class-index order"
+            )
+        lines = []
+        for j, (classes, probabilities) in enumerate(
+            zip(self.classes.tolist(), self.probabilities.tolist(), strict=True)
+        ):
+            names = [labels[c] if labels is not None else f"class {c}" for c in classes]
+            parts = [f"{name} {p:.2f}" for name, p in zip(names, probabilities, strict=True)]
+            lines.append(f"{j + 1}: {', '.join(parts)}")
+        return lines
+
+    def overlay(self, image: ImageLike, index: int = 0, *, image_weight: float = 0.3,
+                cmap: str = "gist_rainbow") -> Image.Image:
+        """Image ``index`` with each pixel coloured by its strongest concept, opacity by that
+        concept's strength (see :func:`heatlens.concepts_viz.concept_overlay`)."""
+        from heatlens.concepts_viz import concept_colors, concept_overlay
+
+        return concept_overlay(image, self._maps2d(index), concept_colors(self.n_components, cmap),
+                               image_weight=image_weight)
+
+    def figure(self, images: ImageLike | Sequence[ImageLike], *,
+               labels: Sequence[str] | None = None, titles: Sequence[str] | None = None,
+               image_weight: float = 0.3, cmap: str = "gist_rainbow", rows: int = 1) -> Figure:
+        """A figure of :meth:`overlay` for each image of the batch (one image, or one per map),
+        with a legend naming each concept's colour and :meth:`legend` line."""
+        from heatlens.concepts_viz import concept_colors, concept_figure
+
+        shown = list(images) if isinstance(images, list | tuple) else [images]
+        batch = self.maps.shape[0]
+        if len(shown) != batch:
+            raise ValueError(f"got {len(shown)} images for {batch} maps; pass one per image")
+        panels = [self.overlay(img, i, image_weight=image_weight, cmap=cmap)
+                  for i, img in enumerate(shown)]
+        return concept_figure(panels, self.legend(labels),
+                              concept_colors(self.n_components, cmap), titles=titles, rows=rows)
+
+    def save(self, path: str | Path, images: ImageLike | Sequence[ImageLike], *,
+             labels: Sequence[str] | None = None, titles: Sequence[str] | None = None,
+             image_weight: float = 0.3, cmap: str = "gist_rainbow", rows: int = 1) -> Path:
+        """Write :meth:`figure` to ``path`` (format from the suffix; an existing file is
+        replaced) and return the path."""
+        from heatlens.viz import save_figure
+
+        figure = self.figure(images, labels=labels, titles=titles, image_weight=image_weight,
+                             cmap=cmap, rows=rows)
+        return save_figure(figure, path)
+
+    def _maps2d(self, index: int) -> Tensor:
+        if not 0 <= index < self.maps.shape[0]:
+            raise IndexError(f"index {index} is out of range for {self.maps.shape[0]} images")
+        maps = self.maps[index]
+        if maps.ndim != 3:
+            raise ValueError(
+                f"pictures need 2-D maps; these maps have shape {tuple(maps.shape[1:])}. "
+                "Use .maps directly for 1-D signals and 3-D volumes"
+            )
+        return maps
+
+
+def factorize(model: nn.Module, inputs: Tensor, n_components: int = 5,
+              layer: LayerSpec = "auto", *, top_k: int = 2, head: HeadSpec = "auto",
+              seed: int = 0, max_iter: int = 1000, tol: float = 1e-5) -> Concepts:
+    """Deep Feature Factorization (Collins et al., ECCV 2018) of one layer over a batch.
+
+    The layer's activations ``(B, C, *spatial)`` become ``A ∈ R^{N x C}`` with
+    ``N = B · prod(spatial)`` rows, and ``A ≈ W H`` is found by :func:`nmf` (multiplicative
+    updates, Lee & Seung 2001; ``W`` columns scaled to a maximum of 1). A signed layer is clamped
+    at 0 first, with a warning, since NMF needs ``A ≥ 0``; a layer after a ReLU (what
+    ``layer="auto"`` picks on common CNNs) needs no clamping. The concept maps are ``W`` reshaped
+    to ``(B, k, *spatial)`` and upsampled to the input's size. Each concept ``j`` is labelled with
+    ``softmax(head(H_j))``, its ``top_k`` classes.
+
+    The model is left as it was (training flags, parameters, buffers, hooks); run it in
+    ``eval()`` mode.
+
+    Args:
+        model: an ``nn.Module`` classifier.
+        inputs: a preprocessed float tensor ``(B, C, *spatial)`` or ``(C, *spatial)``; the
+            factorization is shared by the batch.
+        n_components: the number of concepts ``k``, from 1 to the layer's channel count ``C``.
+        layer: ``"auto"``, a module name, or a module (see :func:`heatlens.explain`).
+        top_k: the number of classes reported per concept.
+        head: ``"auto"`` finds the classifier that turns the layer's global average into the
+            model's output: timm's ``get_classifier()``, a submodule named ``fc`` (ResNet),
+            ``classifier`` (MobileNet, EfficientNet), ``_fc`` (EfficientNet-Lite) or ``head``, or
+            the last ``nn.Linear`` taking ``C`` features; it is accepted only when it reproduces
+            the model's output from the pooled activations. Or a module name, a module or a
+            callable mapping ``(k, C)`` embeddings to ``(k, K)`` scores; ``None`` for no labels.
+        seed: seed of the factorization's initialisation (same seed, same result).
+        max_iter: maximum number of multiplicative-update iterations.
+        tol: relative tolerance of the stopping rule (see :func:`nmf`).
+
+    Returns:
+        :class:`Concepts` with the maps, embeddings, labels and the reconstruction error.
+
+    Raises:
+        TypeError: for a model that is not an ``nn.Module`` or inputs that are not a float tensor,
+            or a head that is not callable or does not return a tensor.
+        ValueError: for ``n_components`` outside ``1..C``, a layer without spatial dimensions,
+            a head that cannot be found or returns the wrong shape, or ``top_k`` larger than the
+            head's number of outputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile: the module it wraps
+    _check_int(n_components, "n_components", 1)
+    _check_int(top_k, "top_k", 1)
+    x = as_batch(inputs, model)
+    warn_if_training(model)
+    with buffers_kept(model), torch.inference_mode(False):
+        x = x.clone() if x.is_inference() else x
+        choice = resolve_layers(model, layer, x)
+        if len(choice.names) != 1:
+            raise ValueError(f"factorize takes one layer, got {len(choice.names)}: "
+                             f"{list(choice.names)}")
+        name = choice.names[0]
+        captured = forward_with_capture(model, x, choice.as_dict(), with_gradients=False)
+        acts = captured.activations[name].detach()
+        _check_layer(acts, name, n_components)
+        with torch.no_grad():
+            head_fn, head_reason = _find_head(model, head, acts, captured.output, name)
+        matrix, notes = _nonnegative_rows(acts, name)
+        found = nmf(matrix, n_components, seed=seed, max_iter=max_iter, tol=tol)
+        grid = (acts.shape[0], *acts.shape[2:], n_components)
+        raw = found.weights.reshape(grid).movedim(-1, 1).float()
+        maps = upsample(raw.flatten(0, 1), x.shape[2:]).reshape(*raw.shape[:2], *x.shape[2:])
+        with torch.no_grad():
+            scores = None if head_fn is None else _head_scores(head_fn, found.components, acts)
+    classes = probabilities = None
+    if scores is not None:
+        if top_k > scores.shape[1]:
+            raise ValueError(f"top_k={top_k} is more than the head's {scores.shape[1]} outputs; "
+                             f"use top_k <= {scores.shape[1]}")
+        probabilities, classes = scores.float().softmax(dim=1).topk(top_k, dim=1)
+    return Concepts(
+        maps=maps.clamp(0, 1),
+        raw=raw,
+        embeddings=found.components,
+        scores=scores,
+        classes=classes,
+        probabilities=probabilities,
+        relative_error=found.relative_error,
+        iterations=found.iterations,
+        converged=found.converged,
+        layer=name,
+        layer_reason=choice.reason,
+        head=head_reason,
+        notes=notes,
+    )
+
+
+def _check_int(value: Any, name: str, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_layer(acts: Tensor, name: str, n_components: int) -> None:
+    """The layer must output a feature map ``(B, C, *spatial)`` with at least ``k`` channels."""
+    if acts.ndim < 3 or prod(acts.shape[2:]) <= 1:
+        raise ValueError(
+            f"layer {name!r} outputs shape {tuple(acts.shape)}, not a feature map "
+            "(B, C, *spatial) with several positions; factorize needs spatial positions: choose "
+            "an earlier layer (see `heatlens layers`)"
+        )
+    channels = acts.shape[1]
+    if n_components > channels:
+        raise ValueError(
+            f"n_components={n_components} is more than the {channels} channels of layer {name!r}; "
+            f"use n_components <= {channels} (a handful, such as 5, is typical)"
+        )
+
+
+def _nonnegative_rows(acts: Tensor, name: str) -> tuple[Tensor, tuple[str, ...]]:
+    """``(B, C, *spatial)`` as ``A`` ``(N, C)``, one row per position; negative values are set to
+    0 with a warning, as NMF needs ``A >= 0``."""
+    matrix = acts.movedim(1, -1).reshape(-1, acts.shape[1])
+    negative = matrix < 0
+    if not bool(negative.any()):
+        return matrix, ()
+    share = float(matrix.abs().where(negative, 0).sum() / matrix.abs().sum())
+    note = (
+        f"layer {name!r} has negative activations ({float(negative.float().mean()):.0%} of the "
+        f"values, {share:.0%} of the magnitude); NMF needs non-negative data, so they were set "
+        "to 0. Choose a layer after a ReLU for an exact factorization (layer='auto' usually is)."
+    )
+    warnings.warn(note, stacklevel=3)
+    return matrix.clamp_min(0), (note,)
+
+
+def _find_head(model: nn.Module, head: HeadSpec, acts: Tensor, output: Any,
+               name: str) -> tuple[Callable[[Tensor], Tensor] | None, str]:
+    """The classifier head as a callable and how it was found (``None``, ``""`` for no head)."""
+    if head is None:
+        return None, ""
+    if isinstance(head, str) and head != "auto":
+        try:
+            return _module_by_name(model, head), f"'{head}' (given by the caller)"
+        except ValueError as exc:
+            raise ValueError(f"head={head!r}: {exc}") from None
+    if not isinstance(head, str):
+        if not callable(head):
+            raise TypeError(
+                f"head must be 'auto', a module name, an nn.Module or a callable mapping (k, C) "
+                f"embeddings to (k, num_classes) scores, not {type(head).__name__}"
+            )
+        return head, "given by the caller"
+    channels = acts.shape[1]
+    try:
+        expected = primary_output(output).detach()
+    except TypeError:
+        expected = None
+    tried = []
+    if expected is not None and expected.ndim == 2:
+        pooled = acts.mean(dim=spatial_dims(acts))
+        for label, module in _head_candidates(model, channels):
+            got = module(pooled)
+            if isinstance(got, Tensor) and got.shape == expected.shape and torch.allclose(
+                got.float(), expected.float(), rtol=1e-3,
+                atol=1e-4 * max(float(expected.abs().max()), 1.0),
+            ):
+                return module, (f"'{label}' ({type(module).__name__}; reproduces the model's "
+                                f"output from the global average of '{name}')")
+            tried.append(label)
+    what = (f"tried {', '.join(repr(t) for t in tried)}" if tried
+            else f"no linear layer of the model takes {channels} features")
+    raise ValueError(
+        f"cannot find the classifier head that turns the global average of layer {name!r} "
+        f"({channels} channels) into the model's output ({what}), so concepts cannot be "
+        "labelled. Pass head= a module or callable mapping (k, C) embeddings to (k, num_classes) "
+        "scores (e.g. head=model.fc), factorize the last feature layer (layer='auto'), or "
+        "head=None for concepts without labels. Is the model in eval() mode?"
+    )
+
+
+def _head_candidates(model: nn.Module, channels: int) -> list[tuple[str, nn.Module]]:
+    """Modules that may be the classifier head: first linear layer takes ``channels`` inputs."""
+    names = {module: name for name, module in model.named_modules()}
+    found: list[nn.Module] = []
+    get_classifier = getattr(model, "get_classifier", None)  # timm
+    if callable(get_classifier) and isinstance(get_classifier(), nn.Module):
+        found.append(get_classifier())
+    found += [getattr(model, n) for n in _HEAD_NAMES if isinstance(getattr(model, n, None),
+                                                                    nn.Module)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    found += linears[-1:]
+    return [
+        (names.get(module, type(module).__name__), module)
+        for module in dict.fromkeys(found)
+        if (first := _first_linear(module)) is not None and first.in_features == channels
+    ]
+
+
+def _first_linear(module: nn.Module) -> nn.Linear | None:
+    return next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+
+
+def _head_scores(head: Callable[[Tensor], Tensor], embeddings: Tensor, acts: Tensor) -> Tensor:
+    """``head(H)`` as ``(k, K)`` scores; a clear error when the head does not fit."""
+    scores = head(embeddings.to(acts.dtype))
+    try:
+        scores = primary_output(scores)
+    except TypeError:
+        raise TypeError(
+            f"the head returned {type(scores).__name__}, not a tensor of scores; pass a head "
+            "mapping (k, C) embeddings to (k, num_classes) scores"
+        ) from None
+    k = embeddings.shape[0]
+    if scores.ndim != 2 or scores.shape[0] != k:
+        raise ValueError(
+            f"the head turned ({k}, {embeddings.shape[1]}) embeddings into shape "
+            f"{tuple(scores.shape)}, not ({k}, num_classes); pass a head that maps a batch of "
+            "channel vectors to class scores"
+        )
+    return scores.detach()
