@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from heatlens.capture import buffers_kept
 from heatlens.targets import primary_output
+from heatlens.tokens import infer_layout, transformer_layer
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
 
@@ -116,7 +117,10 @@ def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if threading.get_ident() == owner and _is_spatial(output, x):
+            if threading.get_ident() == owner and (
+                _is_spatial(output, x)
+                or (isinstance(output, Tensor) and infer_layout(model, output, x) is not None)
+            ):
                 takes_input = bool(args) and args[0] is x
                 finished.append((name, module, output, takes_input))
 
@@ -182,7 +186,7 @@ def backbone_stage(model: nn.Module) -> tuple[str, str] | None:
 
 def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:
     """Choose the layer to explain (see the module docstring); returns (name, reason)."""
-    known = backbone_stage(model)
+    known = backbone_stage(model) or transformer_layer(model)
     if known is not None:
         return known
     candidates, takes_input = _probe(model, inputs[:1])

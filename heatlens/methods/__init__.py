@@ -24,6 +24,7 @@ from heatlens.methods.gradients import (
 )
 from heatlens.methods.perturbation import RISE, Occlusion
 from heatlens.methods.registry import create_explainer, list_methods, method_class, register
+from heatlens.methods.rollout import AttentionRollout, Chefer, GradientRollout
 from heatlens.methods.score import ISCAM, SSCAM, ScoreCAM
 from heatlens.methods.smooth import SmoothGradCAMPlusPlus
 
@@ -33,7 +34,9 @@ __all__ = [
     "RISE",
     "SSCAM",
     "AblationCAM",
+    "AttentionRollout",
     "CAMExplainer",
+    "Chefer",
     "Deconvnet",
     "EigenCAM",
     "EigenGradCAM",
@@ -42,6 +45,7 @@ __all__ = [
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GradientRollout",
     "GuidedBackprop",
     "GuidedGradCAM",
     "HiResCAM",

@@ -70,9 +70,11 @@ class AblationCAM(CAMExplainer):
                 for start in range(0, channels, step):
                     span = range(start, min(start + step, channels))
                     copies = ablated_copies(acts[b], span)
+                    if call.layout is not None:  # back to the tokens the model passes on
+                        copies = call.layout.to_output(copies, call.output[b : b + 1])
                     if cut:
-                        scores = self._cut_scores(call, image, cls, acts[b : b + 1], copies,
-                                                  call.scores[b])
+                        clean = acts[b : b + 1] if call.layout is None else call.output[b : b + 1]
+                        scores = self._cut_scores(call, image, cls, clean, copies, call.scores[b])
                         cut = scores is not None
                     if not cut:
                         with output_replaced(call.module, copies):

@@ -15,6 +15,7 @@ from heatlens.explanation import Explanation
 from heatlens.layers import LayerSpec, resolve_layers
 from heatlens.maps import FUSIONS, minmax, upsample
 from heatlens.targets import NO_CLASS, BinaryOutput, Target, TargetSpec, as_target, primary_output
+from heatlens.tokens import TokenLayout, infer_layout
 
 
 def as_batch(inputs: Tensor, model: nn.Module) -> Tensor:
@@ -79,7 +80,12 @@ class LayerCall:
     name: str
     module: nn.Module
     activations: Tensor
+    """``(B, C, *spatial)``; a transformer layer's tokens rearranged to their grid."""
     gradients: Tensor | None
+    layout: TokenLayout | None = None
+    """How the layer's own output holds the grid (``None``: it is a feature map)."""
+    output: Tensor | None = None
+    """The layer's own output, as the model passes it on."""
 
 
 class Explainer(ABC):
@@ -190,12 +196,8 @@ class CAMExplainer(Explainer):
         )
         classes = goal.classes(captured.output, x.shape[0]).to(x.device)
         acts = [captured.activations[name] for name in choice.names]
-        for name, act in zip(choice.names, acts, strict=True):
-            if act.ndim < 3:
-                raise ValueError(
-                    f"layer {name!r} outputs shape {tuple(act.shape)}, not a feature map "
-                    "(B, C, *spatial); choose an earlier layer (see `heatlens layers`)"
-                )
+        layouts = [feature_layout(self.model, name, act, x)
+                   for name, act in zip(choice.names, acts, strict=True)]
         with torch.set_grad_enabled(self.needs_gradients):
             scores = goal.score(captured.output, classes)
             grads = (
@@ -205,15 +207,36 @@ class CAMExplainer(Explainer):
             )
         calls = [
             LayerCall(self.model, x, goal, classes, scores.detach(), name, module,
-                      act.detach(), grad)
-            for name, module, act, grad in zip(choice.names, choice.modules, acts, grads,
-                                               strict=True)
+                      as_map(layout, act.detach()), as_map(layout, grad), layout, act.detach())
+            for name, module, act, grad, layout in zip(choice.names, choice.modules, acts, grads,
+                                                       layouts, strict=True)
         ]
         with torch.no_grad():
             raw = {call.name: self.layer_map(call).float() for call in calls}
             maps = self.postprocess(raw, x)
+        tokens = {call.name: call.layout.describe(tuple(call.output.shape))
+                  for call in calls if call.layout is not None}
         return build_explanation(self.name, maps, raw, captured.output, goal, classes, scores,
-                                 choice.names, choice.reason)
+                                 choice.names, choice.reason,
+                                 {"token_layout": tokens} if tokens else None)
+
+
+def feature_layout(model: nn.Module, name: str, output: Tensor, x: Tensor) -> TokenLayout | None:
+    """The token layout of a transformer layer's output (``None`` for a feature map
+    ``(B, C, *spatial)``); a ``ValueError`` for an output that is neither."""
+    layout = infer_layout(model, output, x)
+    if layout is None and output.ndim < 3:
+        raise ValueError(
+            f"layer {name!r} outputs shape {tuple(output.shape)}, not a feature map "
+            "(B, C, *spatial) nor the tokens of a patch grid; choose an earlier layer (see "
+            "`heatlens layers`)"
+        )
+    return layout
+
+
+def as_map(layout: TokenLayout | None, output: Tensor | None) -> Tensor | None:
+    """``output`` as ``(B, C, *spatial)``: a transformer layer's tokens rearranged."""
+    return output if layout is None or output is None else layout.to_map(output)
 
 
 def build_explanation(method: str, maps: Tensor, raw: dict[str, Tensor], output: Any,

@@ -9,7 +9,7 @@ from heatlens.budget import DEFAULT_BUDGET, items_per_chunk, progress
 from heatlens.capture import forward_with_capture, gradients_of
 from heatlens.layers import LayerSpec
 from heatlens.maps import spatial_dims
-from heatlens.methods.base import CAMExplainer, LayerCall
+from heatlens.methods.base import CAMExplainer, LayerCall, as_map
 from heatlens.methods.cam import per_channel, safe_divide
 from heatlens.methods.registry import register
 from heatlens.methods.score import seeded_generator
@@ -73,7 +73,7 @@ class SmoothGradCAMPlusPlus(CAMExplainer):
                 with torch.enable_grad():
                     scores = call.target.score(captured.output, call.classes.repeat(count))
                 (grads,) = gradients_of(scores, [captured.activations[call.name]], [call.name])
-                grads = grads.reshape(count, *acts.shape)
+                grads = as_map(call.layout, grads).reshape(count, *acts.shape)
                 for power, total in enumerate(moments, start=1):
                     total += grads.pow(power).sum(dim=0)
                 bar.update(count * batch)
