@@ -14,7 +14,13 @@ from torch import Tensor, nn
 from heatlens.budget import items_per_chunk, progress
 from heatlens.layers import LayerSpec
 from heatlens.methods.attribution import AttributionExplainer
-from heatlens.methods.incremental import CutPlan, clean_features, cropped_outputs, plan_cut
+from heatlens.methods.incremental import (
+    CutPlan,
+    channels_last,
+    clean_features,
+    cropped_outputs,
+    plan_cut,
+)
 from heatlens.methods.registry import register
 from heatlens.methods.score import seeded_generator
 from heatlens.targets import ClassLogit, Target, primary_output
@@ -46,7 +52,7 @@ class Occlusion(AttributionExplainer):
     Windows start at multiples of the stride and the last one in each dimension is cut at the
     border, so every element is covered (Captum's placement). ``window`` and ``stride`` are
     over the spatial dimensions (all channels occluded together) or over channels and spatial
-    dimensions. The windows of a chunk are evaluated as one batch.
+    dimensions. The windows of a chunk are evaluated as one batch, in channels-last memory.
 
     With ``incremental=True`` (the default) the layers before a cut early in a CNN run only on
     a crop around each window (:mod:`heatlens.methods.incremental`); the result is the same up
@@ -105,7 +111,7 @@ class Occlusion(AttributionExplainer):
                 labels = classes.repeat_interleave(positions.numel())
                 if plan is None:
                     occluded = x[:, None] * (1 - masks) + self.baseline * masks  # (B,n,C,*S)
-                    output = self.model(occluded.flatten(0, 1))
+                    output = self.model(channels_last(occluded.flatten(0, 1)))
                 else:
                     output = cropped_outputs(self.model, x, plan, features, rows, positions,
                                              self.baseline)
