@@ -10,6 +10,11 @@ are what the classifier reads). A module whose input is the model's own input (a
 MobileNetV2's ``features``) is descended into, since explaining at it would be explaining at the
 whole network. Chosen this way: torchvision ResNet ``layer4``, MobileNetV2 ``features.18``,
 VGG-11 ``features.19``, EfficientNet-Lite0 ``_swish`` (after ``_conv_head``).
+
+Two families are recognised before probing: torchvision's segmentation models and detectors
+explain at the deepest stage their backbone returns (:func:`backbone_stage`), and transformers at
+the first normalisation of their last block (:func:`heatlens.tokens.transformer_layer`), whose
+tokens are laid out on the patch grid by :func:`heatlens.tokens.infer_layout`.
 """
 
 from __future__ import annotations
