@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from heatlens.capture import buffers_kept, forward_with_capture
-from heatlens.layers import LayerSpec, _module_by_name, resolve_layers
+from heatlens.layers import LayerSpec, module_by_name, resolve_layers
 from heatlens.maps import spatial_dims, upsample
 from heatlens.methods.base import as_batch, warn_if_training
 from heatlens.targets import primary_output
@@ -398,7 +398,7 @@ def _find_head(model: nn.Module, head: HeadSpec, acts: Tensor, output: Any,
         return None, ""
     if isinstance(head, str) and head != "auto":
         try:
-            return _module_by_name(model, head), f"'{head}' (given by the caller)"
+            return module_by_name(model, head), f"'{head}' (given by the caller)"
         except ValueError as exc:
             raise ValueError(f"head={head!r}: {exc}") from None
     if not isinstance(head, str):

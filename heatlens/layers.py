@@ -83,7 +83,7 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     )
 
 
-def _module_by_name(model: nn.Module, name: str) -> nn.Module:
+def module_by_name(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -262,7 +262,7 @@ def resolve_layers(model: nn.Module, layer: LayerSpec | None, inputs: Tensor) ->
             names.append(_name_of(model, spec))
             modules.append(spec)
         elif isinstance(spec, str):
-            modules.append(_module_by_name(model, spec))
+            modules.append(module_by_name(model, spec))
             names.append(spec)
         else:
             raise TypeError(

@@ -204,7 +204,7 @@ def _from_arch(arch: str, weights: str | None, num_classes: int | None) -> Loade
         model, preset = _build(arch, family, num_classes)
         return _finish(model, f"{arch} (random init)", preset)
     source = _weights_file(weights, arch, names)
-    state = _state_dict(_torch_load(source, trust_pickle=False), source)
+    state = unwrapped_state_dict(read_checkpoint(source, trust_pickle=False), source)
     return _built_with(state, source, arch, family, num_classes)
 
 
@@ -325,10 +325,10 @@ def _weights_file(weights: str, arch: str, names: list[str]) -> Path:
 
 def _from_checkpoint(source: Path, arch: str | None, num_classes: int | None,
                      trust_pickle: bool) -> LoadedModel:
-    content = _torch_load(source, trust_pickle=trust_pickle)
+    content = read_checkpoint(source, trust_pickle=trust_pickle)
     if isinstance(content, nn.Module):
         return _finish(content, f"{type(content).__name__} ({source.name})", IMAGENET)
-    state = _state_dict(content, source)
+    state = unwrapped_state_dict(content, source)
     if arch is None:
         raise ValueError(
             f"{source} holds a state dict (weights only), which does not say which network it "
@@ -343,7 +343,7 @@ def _built_with(state: dict[str, Tensor], source: Path, arch: str, family: str,
     """``arch`` built with ``num_classes`` outputs and loaded with the ``state`` read from
     ``source``."""
     model, preset = _build(arch, family, num_classes)
-    _load_state_dict(model, state, source)
+    load_weights(model, state, source)
     return _finish(model, f"{arch} ({source.name})", preset)
 
 
@@ -366,7 +366,7 @@ def _head_size(model: nn.Module) -> int | None:
     return None
 
 
-def _torch_load(source: Path, *, trust_pickle: bool) -> Any:
+def read_checkpoint(source: Path, *, trust_pickle: bool) -> Any:
     """``torch.load`` the file with ``weights_only=True``; a pickled whole model needs
     ``trust_pickle`` and is then unpickled."""
     try:
@@ -403,7 +403,7 @@ def _not_a_checkpoint(source: Path, detail: str) -> ValueError:
     return ValueError(f"{source} is not a PyTorch checkpoint that torch.load can read ({detail})")
 
 
-def _state_dict(content: Any, source: Path) -> dict[str, Tensor]:
+def unwrapped_state_dict(content: Any, source: Path) -> dict[str, Tensor]:
     """The state dict in ``content``: unwrapped from ``{"state_dict": ...}`` and similar, with a
     ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) prefix removed."""
     if isinstance(content, Mapping):
@@ -426,7 +426,13 @@ def _state_dict(content: Any, source: Path) -> dict[str, Tensor]:
     return state
 
 
-def _load_state_dict(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load the state-dict file ``path`` (read with ``weights_only=True``) into ``model``."""
+    load_weights(model, unwrapped_state_dict(read_checkpoint(path, trust_pickle=False), path),
+                 path)
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
     """Load ``state`` into ``model`` strictly; a mismatch is a ValueError showing a few keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

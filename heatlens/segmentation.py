@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from heatlens.targets import Target, _class_indices, primary_output
+from heatlens.targets import Target, class_indices, primary_output
 
 __all__ = ["ClassRegion", "dense_scores"]
 
@@ -127,7 +127,7 @@ class ClassRegion(Target):
                 f"the model returned class scores for {scores.shape[0]} images, not {batch}"
             )
         # the (B, K) scores at the first position: the shape the class checks read
-        classes = _class_indices(self.index, scores.flatten(2)[:, :, 0])
+        classes = class_indices(self.index, scores.flatten(2)[:, :, 0])
         if self.mask is not None:
             spatial = scores.ndim - 2
             if self.mask.ndim == spatial + 1 and self.mask.shape[0] != batch:

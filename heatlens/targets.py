@@ -59,7 +59,7 @@ class Target(ABC):
         """``(B,)`` differentiable scores for ``classes`` (from :meth:`classes`)."""
 
 
-def _class_indices(index: int | Sequence[int] | Tensor | None, output: Tensor) -> Tensor:
+def class_indices(index: int | Sequence[int] | Tensor | None, output: Tensor) -> Tensor:
     batch = output.shape[0]
     if output.ndim != 2:
         if index is None:
@@ -105,7 +105,7 @@ class ClassLogit(Target):
         self.index = index
 
     def classes(self, output: Any, batch: int) -> Tensor:
-        return _class_indices(self.index, primary_output(output))
+        return class_indices(self.index, primary_output(output))
 
     def score(self, output: Any, classes: Tensor) -> Tensor:
         return primary_output(output).gather(1, classes[:, None])[:, 0]

@@ -30,7 +30,7 @@ from heatlens.api import explain
 from heatlens.boxes import overlay_with_boxes
 from heatlens.detection import BoxScore, detections_of
 from heatlens.explanation import Explanation
-from heatlens.models import LoadedModel, _load_state_dict, _state_dict, _torch_load
+from heatlens.models import LoadedModel, load_weights_file
 from heatlens.presets import IMAGENET, Preset
 from heatlens.segmentation import ClassRegion, dense_scores
 
@@ -97,8 +97,7 @@ def load_task_model(task: str, spec: ModelOptions) -> LoadedModel:
                     f"no weights file at {path}, and {spec.weights!r} is not a weights name of "
                     f"{arch} ({', '.join(known)})"
                 )
-            _load_state_dict(model, _state_dict(_torch_load(path, trust_pickle=False), path),
-                             path)
+            load_weights_file(model, path)
             name = f"{arch} ({path.name})"
     return LoadedModel(model.eval().to(spec.device), name, labels, preset)
 
