@@ -66,7 +66,7 @@ class Explanation:
             parts.append(labels[cls] if known else f"class {cls}")
         if self.probabilities is not None:
             parts.append(f"{float(self.probabilities[index]):.2f}")
-        else:
+        elif not self.scores[index].isnan():  # NaN: no target (Eigen-CAM on a detector)
             parts.append(f"score {float(self.scores[index]):.3g}")
         return " | ".join(parts)
 

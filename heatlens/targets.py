@@ -188,6 +188,18 @@ class CallableTarget(Target):
         return scores.reshape(-1)
 
 
+class Untargeted(Target):
+    """No target: for methods whose map does not depend on one (Eigen-CAM), on a model whose
+    output has no class scores to take an arg-max of (a detector, a segmenter). The class is
+    ``NO_CLASS`` and the score NaN."""
+
+    def classes(self, output: Any, batch: int) -> Tensor:
+        return torch.full((batch,), NO_CLASS, dtype=torch.long)
+
+    def score(self, output: Any, classes: Tensor) -> Tensor:
+        return torch.full((classes.shape[0],), float("nan"))
+
+
 TargetSpec = Target | int | Sequence[int] | Tensor | Callable[[Any], Tensor] | None
 
 

@@ -255,6 +255,26 @@ def test_torchvision_detectors_end_to_end(detectors, street, name, method):
     assert float(result.raw.abs().max()) > 0
 
 
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_eigen_cam_needs_no_target(detectors, street, name):
+    """Eigen-CAM's map does not depend on a target: target=None works on a detector's list of
+    dicts (no class, no score), and gives the map it gives with a box target."""
+    model = detectors[name]
+    with torch.no_grad():
+        (found,) = model(street)
+    sides = found["boxes"][:, 2:] - found["boxes"][:, :2]
+    first = int((sides > 0.5).all(dim=1).nonzero()[0])  # random detectors find slivers too
+    untargeted = heatlens.explain(model, street, method="eigencam")
+    targeted = heatlens.explain(model, street, method="eigencam",
+                                target=BoxScore(found["boxes"][first],
+                                                int(found["labels"][first])))
+    torch.testing.assert_close(untargeted.maps, targeted.maps)
+    assert untargeted.targets.tolist() == [heatlens.targets.NO_CLASS]
+    assert untargeted.title(0) == "eigencam"
+    with pytest.raises(TypeError, match="target="):  # a gradient method still needs one
+        heatlens.explain(model, street, method="gradcam")
+
+
 def test_grad_cam_with_the_iou_term(detectors, street):
     model = detectors["fasterrcnn_resnet50_fpn"]
     with torch.no_grad():

@@ -14,7 +14,15 @@ from heatlens.capture import buffers_kept, forward_with_capture, gradients_of
 from heatlens.explanation import Explanation
 from heatlens.layers import LayerSpec, resolve_layers
 from heatlens.maps import FUSIONS, minmax, upsample
-from heatlens.targets import NO_CLASS, BinaryOutput, Target, TargetSpec, as_target, primary_output
+from heatlens.targets import (
+    NO_CLASS,
+    BinaryOutput,
+    Target,
+    TargetSpec,
+    Untargeted,
+    as_target,
+    primary_output,
+)
 from heatlens.tokens import TokenLayout, infer_layout
 
 
@@ -159,6 +167,8 @@ class CAMExplainer(Explainer):
     """
 
     needs_gradients: ClassVar[bool] = True
+    needs_target: ClassVar[bool] = True
+    """``False``: the map does not depend on the target, so ``target=None`` works on any output."""
     default_fusion: ClassVar[str] = "mean"
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, relu: bool = True,
@@ -194,7 +204,13 @@ class CAMExplainer(Explainer):
         captured = forward_with_capture(
             self.model, x, choice.as_dict(), with_gradients=self.needs_gradients
         )
-        classes = goal.classes(captured.output, x.shape[0]).to(x.device)
+        try:
+            classes = goal.classes(captured.output, x.shape[0]).to(x.device)
+        except (ValueError, TypeError):
+            if target is not None or self.needs_target:
+                raise
+            goal = Untargeted()  # e.g. Eigen-CAM on a detector: the map needs no class
+            classes = goal.classes(captured.output, x.shape[0]).to(x.device)
         acts = [captured.activations[name] for name in choice.names]
         layouts = [feature_layout(self.model, name, act, x)
                    for name, act in zip(choice.names, acts, strict=True)]

@@ -191,6 +191,7 @@ class EigenCAM(CAMExplainer):
     name = "eigencam"
     aliases = ("eigen-cam",)
     needs_gradients = False
+    needs_target = False
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         return first_principal_component(activations)
