@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -31,7 +31,6 @@ import torch
 from torch import Tensor, nn
 
 from heatlens.capture import buffers_kept
-from heatlens.targets import primary_output
 from heatlens.tokens import infer_layout, transformer_layer
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
@@ -134,8 +133,7 @@ def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool
     handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
     try:
         with buffers_kept(model), torch.inference_mode(False), torch.enable_grad():
-            out = primary_output(model(x))
-            total = out.float().sum()
+            total = _output_total(model(x))
             acts = [act for _, _, act, _ in finished]
             tracked = [i for i, act in enumerate(acts) if act.requires_grad]
             depends = [False] * len(acts)
@@ -153,6 +151,20 @@ def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool
         for (n, m, a, _), d in zip(finished, depends, strict=True)
     ]
     return candidates, [t for *_, t in finished]
+
+
+def _output_total(output: Any) -> Tensor:
+    """The sum of every floating-point tensor in a model output (a tensor, or dicts, lists and
+    tuples of them, such as a detector's boxes and scores): what "the output depends on a
+    layer" is measured against."""
+    if isinstance(output, Tensor):
+        return output.float().sum() if output.is_floating_point() else output.new_zeros(())
+    if hasattr(output, "logits") and isinstance(output.logits, Tensor):  # Hugging Face outputs
+        return output.logits.float().sum()
+    parts = output.values() if isinstance(output, Mapping) else (
+        output if isinstance(output, list | tuple) else ())
+    totals = [_output_total(part) for part in parts]
+    return torch.stack(totals).sum() if totals else torch.zeros(())
 
 
 def candidate_layers(model: nn.Module, inputs: Tensor) -> list[Candidate]:

@@ -275,6 +275,14 @@ def test_eigen_cam_needs_no_target(detectors, street, name):
         heatlens.explain(model, street, method="gradcam")
 
 
+def test_candidate_layers_of_a_detector(detectors, street):
+    """The probe measures dependence on every tensor of the list-of-dicts output."""
+    found = {c.name: c for c in heatlens.candidate_layers(detectors["fcos_resnet50_fpn"], street)}
+    assert found["backbone.body.layer4"].output_depends
+    assert found["backbone.body.layer1"].output_depends
+    assert found["backbone.body.layer4"].shape == (2048, 2, 3)  # the 64 x 96 picture / 32
+
+
 def test_grad_cam_with_the_iou_term(detectors, street):
     model = detectors["fasterrcnn_resnet50_fpn"]
     with torch.no_grad():
