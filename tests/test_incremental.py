@@ -134,3 +134,28 @@ def test_real_networks_equal_full_passes(request, imagenet_photos, fixture):
     assert relative_diff(fast.raw, full) <= 1e-4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks for m in model.modules())
+
+
+class RowMixer(nn.Module):
+    """A 1-D convolution along the flattened positions (as some attention blocks do), inside a
+    2-D network: its receptive field is not a 2-D window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Conv1d(8, 8, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mix(x.flatten(2)).reshape(x.shape)
+
+
+def test_one_dimensional_convolution_inside_is_handled(stack):
+    """Planning stops at a layer whose receptive field it does not work out (no error), and the
+    attributions are those of full passes."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), RowMixer(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 2)).eval()
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(5))
+    fast, full = both_ways(model, x, window=8, stride=8)
+    assert fast.details["incremental_cut"] in (None, "0", "1")  # never after the 1-D mixer
+    assert relative_diff(fast.raw, full) <= 1e-4  # float rounding of crops vs whole images

@@ -153,6 +153,17 @@ def _widening(call: _Call, size: tuple[int, ...]) -> tuple[list[int], list[int]]
     return left, right
 
 
+def _unplanned(module: nn.Module) -> bool:
+    """Convolutions and poolings whose receptive field is not worked out here: not 2-D (a 1-D
+    convolution over channels, as in ECA attention) or transposed (upsampling)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return True
+    spatial = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+               nn.modules.pooling._AvgPoolNd)
+    return isinstance(module, spatial) and not isinstance(
+        module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d)
+
+
 def _allowed(model: nn.Module) -> set[str]:
     """Names of modules where a cut makes sense: the model's children and, recursively, the
     children of those that are sequences (a cut inside a residual block would miss its skip
@@ -214,7 +225,7 @@ def plan_cut(model: nn.Module, x: Tensor, rows: list[Tensor]) -> CutPlan | None:
     done = 0
     options: list[CutPlan] = []
     for call in calls:
-        if isinstance(call.module, NON_LOCAL) or total == 0:
+        if isinstance(call.module, NON_LOCAL) or total == 0 or _unplanned(call.module):
             break
         done += call.flops
         widening = _widening(call, size)
