@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heatlens.budget import items_per_chunk, progress
+from heatlens.budget import channels_last, items_per_chunk, progress
 from heatlens.layers import LayerSpec
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.methods.incremental import (
     CutPlan,
-    channels_last,
     clean_features,
     cropped_outputs,
     plan_cut,
@@ -213,7 +212,8 @@ class RISE(AttributionExplainer):
             for first in range(0, self.masks, step):
                 masks = self.random_masks(first, min(step, self.masks - first), size, x.device)
                 n = masks.shape[0]
-                output = self.model((x[:, None] * masks[None, :, None]).flatten(0, 1))
+                masked = (x[:, None] * masks[None, :, None]).flatten(0, 1)
+                output = self.model(channels_last(masked))
                 scores = self._scores(output, target, classes.repeat_interleave(n))
                 saliency += torch.einsum("bn,n...->b...", scores.reshape(batch, n), masks)
                 bar.update(n * batch)

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Generator, Tensor, nn
 
-from heatlens.budget import DEFAULT_BUDGET, items_per_chunk, progress
+from heatlens.budget import DEFAULT_BUDGET, channels_last, items_per_chunk, progress
 from heatlens.layers import LayerSpec
 from heatlens.maps import minmax, upsample
 from heatlens.methods.base import CAMExplainer, LayerCall
@@ -107,7 +107,7 @@ class ScoreFamily(CAMExplainer):
                     masked = x[:, None, None] * masks[:, :, :, None]  # (B, n, S, C_in, *size)
                     masked = masked.flatten(0, 2)[rows]
                     classes = call.classes.repeat_interleave(rows.numel() // batch)[rows]
-                    scores = self.masked_scores(call, self.model(masked), classes)
+                    scores = self.masked_scores(call, self.model(channels_last(masked)), classes)
                     chunk = torch.zeros(rows.numel(), device=x.device)
                     chunk[rows] = scores
                     totals[:, start:stop] += chunk.reshape(batch, -1, self.samples).sum(dim=2)
