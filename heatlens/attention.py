@@ -80,7 +80,7 @@ def attention_recorded(model: nn.Module) -> Iterator[list[Tensor]]:
     with ExitStack() as stack:
         for _, module in attention_modules(model):
             if isinstance(module, nn.MultiheadAttention):
-                stack.enter_context(_torch_weights(module, recorded, owner))
+                stack.enter_context(_multihead_recomputed(module, recorded, owner))
             elif _is_timm(module):
                 stack.enter_context(_timm_eager(module, recorded, owner))
             else:
@@ -103,7 +103,7 @@ def _timm_eager(module: nn.Module, recorded: list[Tensor], owner: int) -> Iterat
 
 
 @contextmanager
-def _torch_weights(module: nn.MultiheadAttention, recorded: list[Tensor], owner: int
+def _multihead_recomputed(module: nn.MultiheadAttention, recorded: list[Tensor], owner: int
                    ) -> Iterator[None]:
     def recompute(_: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if threading.get_ident() != owner:

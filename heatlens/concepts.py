@@ -34,7 +34,7 @@ from heatlens.layers import LayerSpec, module_by_name, resolve_layers
 from heatlens.maps import spatial_dims, upsample
 from heatlens.methods.base import as_batch, warn_if_training
 from heatlens.targets import primary_output
-from heatlens.viz import ImageLike
+from heatlens.viz import ImageLike, picture_maps
 
 __all__ = ["Concepts", "Factorization", "factorize", "nmf"]
 
@@ -217,7 +217,8 @@ class Concepts:
         concept's strength (see :func:`heatlens.concepts_viz.concept_overlay`)."""
         from heatlens.concepts_viz import concept_colors, concept_overlay
 
-        return concept_overlay(image, self._maps2d(index), concept_colors(self.n_components, cmap),
+        maps = picture_maps(self.maps, index, per_map=1)
+        return concept_overlay(image, maps, concept_colors(self.n_components, cmap),
                                image_weight=image_weight)
 
     def figure(self, images: ImageLike | Sequence[ImageLike], *,
@@ -246,17 +247,6 @@ class Concepts:
         figure = self.figure(images, labels=labels, titles=titles, image_weight=image_weight,
                              cmap=cmap, rows=rows)
         return save_figure(figure, path)
-
-    def _maps2d(self, index: int) -> Tensor:
-        if not 0 <= index < self.maps.shape[0]:
-            raise IndexError(f"index {index} is out of range for {self.maps.shape[0]} images")
-        maps = self.maps[index]
-        if maps.ndim != 3:
-            raise ValueError(
-                f"pictures need 2-D maps; these maps have shape {tuple(maps.shape[1:])}. "
-                "Use .maps directly for 1-D signals and 3-D volumes"
-            )
-        return maps
 
 
 def factorize(model: nn.Module, inputs: Tensor, n_components: int = 5,

@@ -70,30 +70,19 @@ class Explanation:
             parts.append(f"score {float(self.scores[index]):.3g}")
         return " | ".join(parts)
 
-    def _map2d(self, index: int) -> Tensor:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} is out of range for {len(self)} maps")
-        heat = self.maps[index]
-        if heat.ndim != 2:
-            raise ValueError(
-                f"pictures need 2-D maps; this map has shape {tuple(heat.shape)}. "
-                "Use .maps directly for 1-D signals and 3-D volumes"
-            )
-        return heat
-
     def heatmap(self, index: int = 0, cmap: str = "jet") -> Image.Image:
         """Map ``index`` coloured with a matplotlib colormap."""
-        from heatlens.viz import colorize
+        from heatlens.viz import colorize, picture_maps
 
-        return Image.fromarray(colorize(self._map2d(index), cmap))
+        return Image.fromarray(colorize(picture_maps(self.maps, index), cmap))
 
     def overlay(self, image: Any, index: int = 0, alpha: float = 0.5, cmap: str = "jet"
                 ) -> Image.Image:
         """Map ``index`` blended over ``image`` (PIL image, array or tensor in [0, 1]):
         ``(1 - alpha) * image + alpha * colormap(map)``, the map resized to the image."""
-        from heatlens.viz import overlay
+        from heatlens.viz import overlay, picture_maps
 
-        return overlay(image, self._map2d(index), alpha=alpha, cmap=cmap)
+        return overlay(image, picture_maps(self.maps, index), alpha=alpha, cmap=cmap)
 
     def save(self, path: str | Path, image: Any | Sequence[Any] | None = None, *,
              alpha: float = 0.5, cmap: str = "jet", rows: int = 1,

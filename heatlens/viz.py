@@ -270,6 +270,20 @@ def colormap(name: str) -> Colormap:
         raise ValueError(msg) from None
 
 
+def picture_maps(maps: torch.Tensor, index: int, *, per_map: int = 0) -> torch.Tensor:
+    """``maps[index]`` for drawing: the index must exist and the maps be 2-D (after ``per_map``
+    leading dimensions, such as a concept dimension); errors say what to do otherwise."""
+    if not 0 <= index < maps.shape[0]:
+        raise IndexError(f"index {index} is out of range for {maps.shape[0]} maps")
+    picked = maps[index]
+    if picked.ndim != 2 + per_map:
+        raise ValueError(
+            f"pictures need 2-D maps; this map has shape {tuple(picked.shape[per_map:])}. "
+            "Use .maps directly for 1-D signals and 3-D volumes"
+        )
+    return picked
+
+
 def float64_values(values: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
     """A tensor or array as a float64 numpy array; a ``TypeError`` naming ``what`` otherwise."""
     if isinstance(values, torch.Tensor):
