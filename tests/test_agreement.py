@@ -28,7 +28,8 @@ Two differences are genuine and are documented by their own tests below:
    for the same, scaled score; alpha depends on the score's scale, so these maps are not the
    logit maps); a second test shows that the eps is the whole difference at the plain logits.
 2. Several layers: pytorch-grad-cam min-max scales each layer's map at its feature resolution,
-   before resizing; heatlens scales each layer's map after upsampling (``heatlens.maps.fuse_mean``).
+   before resizing; heatlens scales each layer's map after upsampling
+   (``heatlens.engine.maps.fuse_mean``).
    A bilinear upsample lowers an interior peak slightly, so the layers' relative weights in the
    mean differ and the fused maps differ by ~5e-3 (resnet18 layer3 + layer4). Both orders are
    reproduced from heatlens' raw maps (to 1e-4 and 1e-6).

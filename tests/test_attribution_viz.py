@@ -1,4 +1,4 @@
-"""Signed pictures of attributions (heatlens.attribution_viz): Captum's normalisation on real
+"""Signed pictures of attributions (heatlens.pictures.attribution): Captum's normalisation on real
 attributions, the colours of every method and sign at known pixels, figures, panels and errors."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import heatlens
-from heatlens.attribution_viz import (
+from heatlens.pictures.attribution import (
     METHODS,
     SIGNS,
     attribution_figure,
@@ -24,7 +24,7 @@ from heatlens.attribution_viz import (
     normalize_attribution,
     sign_colormap,
 )
-from heatlens.viz import save_figure
+from heatlens.pictures.overlays import save_figure
 
 SIDE = 40
 POSITIVE = (slice(5, 15), slice(5, 15))  # the positive square

@@ -17,7 +17,7 @@ from PIL import Image
 from test_models import CAT_CLASSES, MOBILENET_WEIGHTS, CatDogFiles, save_catdog
 
 from heatlens.cli import main
-from heatlens.images import sample_image_path
+from heatlens.loading.images import sample_image_path
 from heatlens.methods import list_methods, method_class
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -176,7 +176,7 @@ def test_show_opens_a_window(run, monkeypatch):
 
 
 
-# Signed pictures of attribution methods (heatlens.attribution_viz).
+# Signed pictures of attribution methods (heatlens.pictures.attribution).
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from torch import nn
 
 from heatlens import Concepts, factorize
 from heatlens.cli import main
-from heatlens.concepts import nmf
-from heatlens.concepts_viz import concept_colors, concept_overlay
-from heatlens.models import imagenet_categories
+from heatlens.concepts.factorize import nmf
+from heatlens.loading.models import imagenet_categories
+from heatlens.pictures.concepts import concept_colors, concept_overlay
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 CUPS = {"espresso", "cup", "coffee mug", "consomme", "eggnog"}

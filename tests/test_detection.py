@@ -16,13 +16,13 @@ from torch import nn
 from torchvision.models import detection as tv_detection
 
 import heatlens
-from heatlens.boxes import BOX_COLOURS, draw_boxes, overlay_with_boxes
 from heatlens.cli import main
-from heatlens.detection import BoxScore
-from heatlens.models import LoadedModel
-from heatlens.presets import IMAGENET
-from heatlens.targets import NO_CLASS
-from heatlens.tasks import task_panels
+from heatlens.cli.tasks import task_panels
+from heatlens.engine.targets import NO_CLASS
+from heatlens.loading.models import LoadedModel
+from heatlens.loading.presets import IMAGENET
+from heatlens.pictures.boxes import BOX_COLOURS, draw_boxes, overlay_with_boxes
+from heatlens.tasks.detection import BoxScore
 
 # ------------------------------------------------------------------------------------------------
 # A detector whose boxes are fixed and whose scores read only the features inside each box
@@ -269,7 +269,7 @@ def test_eigen_cam_needs_no_target(detectors, street, name):
                                 target=BoxScore(found["boxes"][first],
                                                 int(found["labels"][first])))
     torch.testing.assert_close(untargeted.maps, targeted.maps)
-    assert untargeted.targets.tolist() == [heatlens.targets.NO_CLASS]
+    assert untargeted.targets.tolist() == [heatlens.engine.targets.NO_CLASS]
     assert untargeted.title(0) == "eigencam"
     with pytest.raises(TypeError, match="target="):  # a gradient method still needs one
         heatlens.explain(model, street, method="gradcam")

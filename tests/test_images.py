@@ -1,4 +1,4 @@
-"""Tests of heatlens.images: loading real photos upright as 8-bit RGB, safely."""
+"""Tests of heatlens.loading.images: loading real photos upright as 8-bit RGB, safely."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFile
 from skimage import data
 
-from heatlens.images import load_image, sample_image_path, upright_rgb
+from heatlens.loading.images import load_image, sample_image_path, upright_rgb
 
 ORIENTATION = 0x0112  # EXIF tag number of Orientation
 

@@ -16,9 +16,9 @@ import torch
 import torchvision
 from torch import nn
 
-from heatlens.images import load_image, sample_image_path
-from heatlens.models import LoadedModel, imagenet_categories, load_labels, load_model
-from heatlens.presets import IMAGENET
+from heatlens.loading.images import load_image, sample_image_path
+from heatlens.loading.models import LoadedModel, imagenet_categories, load_labels, load_model
+from heatlens.loading.presets import IMAGENET
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 

@@ -1,4 +1,4 @@
-"""Tests of heatlens.presets: the model's preprocessing and the matching display image."""
+"""Tests of heatlens.loading.presets: the model's preprocessing and the matching display image."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torchvision.models import MobileNet_V2_Weights
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from heatlens.presets import IMAGENET, Preset
+from heatlens.loading.presets import IMAGENET, Preset
 
 PHOTOS = {"chelsea": data.chelsea, "coffee": data.coffee, "astronaut": data.astronaut}
 

@@ -17,10 +17,10 @@ from torchvision.models import segmentation as tv_segmentation
 
 import heatlens
 from heatlens.cli import main
+from heatlens.loading.presets import IMAGENET
 from heatlens.methods.base import CAMExplainer
 from heatlens.methods.registry import method_class
-from heatlens.presets import IMAGENET
-from heatlens.segmentation import ClassRegion
+from heatlens.tasks.segmentation import ClassRegion
 
 CAM_METHODS = [n for n in heatlens.list_methods() if issubclass(method_class(n), CAMExplainer)]
 """Every registered CAM method (CAM itself needs a linear head and must say so)."""

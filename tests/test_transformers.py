@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import heatlens
-from heatlens.attention import attention_recorded
+from heatlens.engine.attention import attention_recorded
+from heatlens.engine.tokens import infer_layout, transformer_layer
 from heatlens.methods.rollout import discard_lowest, fuse_heads, rollout
-from heatlens.tokens import infer_layout, transformer_layer
 
 timm = pytest.importorskip("timm")
 torchvision_models = pytest.importorskip("torchvision.models")

@@ -1,4 +1,4 @@
-"""Tests of heatlens.viz: colouring heatmaps, overlays and grids of real photos."""
+"""Tests of heatlens.pictures.overlays: colouring heatmaps, overlays and grids of real photos."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 from skimage import data
 
-from heatlens.viz import colorize, figure_grid, image_grid, overlay, save_figure, to_rgb_array
+from heatlens.pictures.overlays import (
+    colorize,
+    figure_grid,
+    image_grid,
+    overlay,
+    save_figure,
+    to_rgb_array,
+)
 
 
 @pytest.fixture(scope="module")

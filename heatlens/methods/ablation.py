@@ -7,9 +7,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from heatlens.budget import DEFAULT_BUDGET, progress
-from heatlens.capture import output_replaced
-from heatlens.layers import LayerSpec
+from heatlens.engine.budget import DEFAULT_BUDGET, progress
+from heatlens.engine.capture import output_replaced
+from heatlens.engine.layers import LayerSpec
 from heatlens.methods.base import CAMExplainer, LayerCall
 from heatlens.methods.cam import per_channel, safe_divide
 from heatlens.methods.registry import register

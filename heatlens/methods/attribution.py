@@ -3,7 +3,7 @@
 An attribution method returns ``(B, C, *spatial)``; the :class:`~heatlens.Explanation` keeps it
 signed and unscaled as ``raw_by_layer["input"]`` and shows ``maps`` = the absolute value of the
 channel sum scaled as Captum's default picture does (:func:`percentile_scale`, 2 % outliers).
-Signed pictures come from :mod:`heatlens.attribution_viz`.
+Signed pictures come from :mod:`heatlens.pictures.attribution`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from heatlens.budget import DEFAULT_BUDGET, items_per_chunk, progress
+from heatlens.engine.budget import DEFAULT_BUDGET, items_per_chunk, progress
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.targets import Target, TargetSpec, as_target
 from heatlens.explanation import Explanation
-from heatlens.layers import LayerSpec
 from heatlens.methods.base import Explainer, build_explanation
-from heatlens.targets import Target, TargetSpec, as_target
 
 OUTLIER_PERCENT = 2.0
 

@@ -10,11 +10,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from heatlens.capture import buffers_kept, forward_with_capture, gradients_of
-from heatlens.explanation import Explanation
-from heatlens.layers import LayerSpec, resolve_layers
-from heatlens.maps import FUSIONS, minmax, upsample
-from heatlens.targets import (
+from heatlens.engine.capture import buffers_kept, forward_with_capture, gradients_of
+from heatlens.engine.layers import LayerSpec, resolve_layers
+from heatlens.engine.maps import FUSIONS, minmax, upsample
+from heatlens.engine.targets import (
     NO_CLASS,
     BinaryOutput,
     Target,
@@ -23,7 +22,8 @@ from heatlens.targets import (
     as_target,
     primary_output,
 )
-from heatlens.tokens import TokenLayout, infer_layout
+from heatlens.engine.tokens import TokenLayout, infer_layout
+from heatlens.explanation import Explanation
 
 
 def as_batch(inputs: Tensor, model: nn.Module) -> Tensor:
@@ -118,7 +118,8 @@ class Explainer(ABC):
         self.model: nn.Module = getattr(model, "_orig_mod", model)
 
     def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
-        """Explain ``inputs`` ``(B, C, *spatial)`` for ``target`` (see :mod:`heatlens.targets`).
+        """Explain ``inputs`` ``(B, C, *spatial)`` for ``target`` (see
+        :mod:`heatlens.engine.targets`).
 
         The model's buffers are restored afterwards when it is in training mode (batch-norm
         statistics do not move), and the call works from inside ``torch.inference_mode()``."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from heatlens.layers import LayerSpec
-from heatlens.maps import spatial_dims
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.maps import spatial_dims
 from heatlens.methods.base import CAMExplainer
 from heatlens.methods.registry import register
 

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from heatlens.capture import forward_with_capture, gradients_of
+from heatlens.engine.capture import forward_with_capture, gradients_of
+from heatlens.engine.layers import LayerSpec, resolve_layers
+from heatlens.engine.maps import minmax, upsample
+from heatlens.engine.targets import TargetSpec, as_target
 from heatlens.explanation import Explanation
-from heatlens.layers import LayerSpec, resolve_layers
-from heatlens.maps import minmax, upsample
 from heatlens.methods.base import Explainer, build_explanation
 from heatlens.methods.registry import register
-from heatlens.targets import TargetSpec, as_target
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

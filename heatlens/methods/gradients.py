@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from heatlens.budget import items_per_chunk, progress
-from heatlens.layers import LayerSpec
-from heatlens.maps import upsample
+from heatlens.engine.budget import items_per_chunk, progress
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.maps import upsample
+from heatlens.engine.targets import Target
 from heatlens.methods.attribution import AttributionExplainer, input_gradients
 from heatlens.methods.cam import GradCAM
 from heatlens.methods.registry import register
-from heatlens.targets import Target
 
 
 @register

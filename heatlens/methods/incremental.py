@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from heatlens.budget import channels_last
+from heatlens.engine.budget import channels_last
 
 NON_LOCAL = (
     nn.modules.pooling._AdaptiveAvgPoolNd,

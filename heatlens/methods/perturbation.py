@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heatlens.budget import channels_last, items_per_chunk, progress
-from heatlens.layers import LayerSpec
+from heatlens.engine.budget import channels_last, items_per_chunk, progress
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.targets import ClassLogit, Target, primary_output
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.methods.incremental import (
     CutPlan,
@@ -22,7 +23,6 @@ from heatlens.methods.incremental import (
 )
 from heatlens.methods.registry import register
 from heatlens.methods.score import seeded_generator
-from heatlens.targets import ClassLogit, Target, primary_output
 
 
 def _per_dim(value: int | tuple[int, ...], x: Tensor, what: str) -> tuple[int, ...]:

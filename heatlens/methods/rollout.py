@@ -2,11 +2,10 @@
 rollout, and Chefer et al.'s gradient-weighted relevance.
 
 All three combine the per-layer attention ``A_l`` ``(B, heads, N, N)`` (captured even under fused
-attention, see :mod:`heatlens.attention`) into one ``N x N`` matrix and read the row of the class
-token (token 0) over the patch tokens, which are reshaped to the patch grid (prefix tokens such
-as distillation and register tokens take part in the products but are not shown). For a model
-without a class token the rows of all patch tokens are averaged.
-"""
+attention, see :mod:`heatlens.engine.attention`) into one ``N x N`` matrix and read the row of the
+class token (token 0) over the patch tokens, which are reshaped to the patch grid (prefix tokens
+such as distillation and register tokens take part in the products but are not shown). For a model
+without a class token the rows of all patch tokens are averaged. """
 
 from __future__ import annotations
 
@@ -15,14 +14,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from heatlens.attention import attention_recorded
+from heatlens.engine.attention import attention_recorded
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.maps import minmax, upsample
+from heatlens.engine.targets import TargetSpec, as_target
+from heatlens.engine.tokens import TokenLayout, token_layout
 from heatlens.explanation import Explanation
-from heatlens.layers import LayerSpec
-from heatlens.maps import minmax, upsample
 from heatlens.methods.base import Explainer, build_explanation
 from heatlens.methods.registry import register
-from heatlens.targets import TargetSpec, as_target
-from heatlens.tokens import TokenLayout, token_layout
 
 HEAD_FUSIONS = ("mean", "max", "min")
 

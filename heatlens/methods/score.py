@@ -14,13 +14,13 @@ from typing import ClassVar
 import torch
 from torch import Generator, Tensor, nn
 
-from heatlens.budget import DEFAULT_BUDGET, channels_last, items_per_chunk, progress
-from heatlens.layers import LayerSpec
-from heatlens.maps import minmax, upsample
+from heatlens.engine.budget import DEFAULT_BUDGET, channels_last, items_per_chunk, progress
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.maps import minmax, upsample
+from heatlens.engine.targets import ClassLogit, primary_output
 from heatlens.methods.base import CAMExplainer, LayerCall
 from heatlens.methods.cam import per_channel
 from heatlens.methods.registry import register
-from heatlens.targets import ClassLogit, primary_output
 
 VARIANTS = ("probability", "softmax")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from heatlens.budget import DEFAULT_BUDGET, items_per_chunk, progress
-from heatlens.capture import forward_with_capture, gradients_of
-from heatlens.layers import LayerSpec
-from heatlens.maps import spatial_dims
+from heatlens.engine.budget import DEFAULT_BUDGET, items_per_chunk, progress
+from heatlens.engine.capture import forward_with_capture, gradients_of
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.maps import spatial_dims
 from heatlens.methods.base import CAMExplainer, LayerCall, as_map
 from heatlens.methods.cam import per_channel, safe_divide
 from heatlens.methods.registry import register

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from heatlens.budget import DEFAULT_BUDGET, items_per_chunk
+from heatlens.engine.budget import DEFAULT_BUDGET, items_per_chunk
+from heatlens.engine.targets import NO_CLASS, ClassLogit, TargetSpec, as_target
 from heatlens.explanation import Explanation
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.methods.base import CAMExplainer, Explainer
 from heatlens.methods.score import seeded_generator
-from heatlens.targets import NO_CLASS, ClassLogit, TargetSpec, as_target
 
 KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 

@@ -2,12 +2,12 @@
 
 Segmentation: the image goes through the model's preset; the region is the pixels the model
 predicts as the class (``--class-idx``, default: the class it predicts at most pixels), held
-fixed for every method (:class:`~heatlens.segmentation.ClassRegion` with that mask).
+fixed for every method (:class:`~heatlens.tasks.segmentation.ClassRegion` with that mask).
 
 Detection: the image goes in as it is, ``(1, 3, H, W)`` in [0, 1] (torchvision's detectors
 resize and normalise it themselves); the detections scoring at least ``--score-threshold``
 (of label ``--class-idx`` when given) are explained together, their scores summed
-(:class:`~heatlens.detection.BoxScore`), and drawn on the panel.
+(:class:`~heatlens.tasks.detection.BoxScore`), and drawn on the panel.
 
 Images are explained one at a time, so that every method, perturbation methods included,
 sees one image and its own region or boxes.
@@ -27,12 +27,12 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
 from heatlens.api import explain
-from heatlens.boxes import overlay_with_boxes
-from heatlens.detection import BoxScore, detections_of
 from heatlens.explanation import Explanation
-from heatlens.models import LoadedModel, load_weights_file
-from heatlens.presets import IMAGENET, Preset
-from heatlens.segmentation import ClassRegion, dense_scores
+from heatlens.loading.models import LoadedModel, load_weights_file
+from heatlens.loading.presets import IMAGENET, Preset
+from heatlens.pictures.boxes import overlay_with_boxes
+from heatlens.tasks.detection import BoxScore, detections_of
+from heatlens.tasks.segmentation import ClassRegion, dense_scores
 
 __all__ = ["TASKS", "Panel", "load_task_model", "task_panels"]
 

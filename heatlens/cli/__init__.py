@@ -25,17 +25,17 @@ from matplotlib.figure import Figure
 
 from heatlens import __version__
 from heatlens.api import explain as explain_inputs
-from heatlens.attribution_viz import attribution_image, auto_sign
-from heatlens.concepts import factorize
+from heatlens.cli.tasks import TASKS, load_task_model, task_panels
+from heatlens.concepts.factorize import factorize
+from heatlens.engine.layers import auto_layer, candidate_layers
+from heatlens.engine.targets import TargetSpec, primary_output
 from heatlens.explanation import Explanation
-from heatlens.images import load_image, sample_image_path
-from heatlens.layers import auto_layer, candidate_layers
+from heatlens.loading.images import load_image, sample_image_path
+from heatlens.loading.models import DEFAULT_ARCH, LoadedModel, load_labels, load_model
 from heatlens.methods import list_methods, method_class
 from heatlens.methods.attribution import AttributionExplainer
-from heatlens.models import DEFAULT_ARCH, LoadedModel, load_labels, load_model
-from heatlens.targets import TargetSpec, primary_output
-from heatlens.tasks import TASKS, load_task_model, task_panels
-from heatlens.viz import figure_grid, save_figure
+from heatlens.pictures.attribution import attribution_image, auto_sign
+from heatlens.pictures.overlays import figure_grid, save_figure
 
 
 @contextmanager
@@ -110,7 +110,7 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 VISUALS = ("auto", "heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
-"""The --visual choices: pictures of :mod:`heatlens.attribution_viz`, or ``auto``."""
+"""The --visual choices: pictures of :mod:`heatlens.pictures.attribution`, or ``auto``."""
 
 PICTURE_SIGNS = ("auto", "all", "positive", "negative", "absolute_value")
 """The --sign choices."""
@@ -256,7 +256,7 @@ def _panel(result: Explanation, index: int, display: Any, visual: str, sign: str
            cmap: str | None) -> tuple[Any, str | None]:
     """Panel ``index`` of ``result`` over ``display``, and the sign it shows (``None`` for a CAM
     overlay). Attribution methods, and CAM methods with a --visual, get a picture of
-    :mod:`heatlens.attribution_viz`: of the signed attribution, or of the CAM map."""
+    :mod:`heatlens.pictures.attribution`: of the signed attribution, or of the CAM map."""
     attribution = issubclass(method_class(result.method), AttributionExplainer)
     if visual == "auto" and not attribution:
         return result.overlay(display, index, alpha, cmap or "jet"), None

@@ -31,11 +31,10 @@ box target still tells what is explained, and the explanation reports its score.
 
 ``layer="auto"`` on a torchvision detector explains at the deepest stage of the backbone body
 (``backbone.body.layer4`` of the ResNet-50-FPN models): every FPN level, and so every box, is
-computed from it (see :func:`heatlens.layers.backbone_stage`). torchvision resizes the image and
-pads it at the bottom and right to a multiple of 32 before the backbone; the map, stretched over
+computed from it (see :func:`heatlens.engine.layers.backbone_stage`). torchvision resizes the image
+and pads it at the bottom and right to a multiple of 32 before the backbone; the map, stretched over
 that padded extent, is off by less than 32 resized pixels at the far edges, which is less than one
-cell of that stride-32 layer.
-"""
+cell of that stride-32 layer. """
 
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from heatlens.targets import NO_CLASS, Target
+from heatlens.engine.targets import NO_CLASS, Target
 
 __all__ = ["BoxScore", "detections_of"]
 

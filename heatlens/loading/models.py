@@ -1,11 +1,10 @@
 """Models in: the packaged default, torchvision and timm models by name, and the user's checkpoints.
 
-:func:`load_model` returns a :class:`LoadedModel`: the model in ``eval()`` mode, a display name,
-its class labels where known, and the :class:`~heatlens.presets.Preset` that prepares images for
+:func:`load_model` returns a :class:`LoadedModel`: the model in ``eval()`` mode, a display name, its
+class labels where known, and the :class:`~heatlens.loading.presets.Preset` that prepares images for
 it. Weight files and checkpoints are read with ``torch.load(..., weights_only=True)``; a file that
 holds a pickled whole ``nn.Module`` is loaded only with ``trust_pickle=True``, because unpickling
-can run arbitrary code. Files are only read, never modified.
-"""
+can run arbitrary code. Files are only read, never modified. """
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from heatlens.presets import IMAGENET, Preset
+from heatlens.loading.presets import IMAGENET, Preset
 
 __all__ = ["DEFAULT_ARCH", "LoadedModel", "imagenet_categories", "load_labels", "load_model"]
 

@@ -2,7 +2,7 @@
 
 Each pixel takes the colour of its strongest concept, with an opacity that grows with that
 concept's strength, so the image shows through where no concept is present. Built on the
-helpers of :mod:`heatlens.viz` (no pyplot, no display needed).
+helpers of :mod:`heatlens.pictures.overlays` (no pyplot, no display needed).
 """
 
 from __future__ import annotations
@@ -16,8 +16,15 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
-from heatlens.maps import upsample
-from heatlens.viz import HeatmapLike, ImageLike, colormap, figure_grid, float64_values, to_rgb_array
+from heatlens.engine.maps import upsample
+from heatlens.pictures.overlays import (
+    HeatmapLike,
+    ImageLike,
+    colormap,
+    figure_grid,
+    float64_values,
+    to_rgb_array,
+)
 
 __all__ = ["concept_colors", "concept_figure", "concept_overlay"]
 
@@ -43,7 +50,7 @@ def concept_overlay(image: ImageLike, maps: HeatmapLike, colors: np.ndarray, *,
     and where no concept is present it is the image itself.
 
     Args:
-        image: the picture, anything :func:`heatlens.viz.to_rgb_array` accepts.
+        image: the picture, anything :func:`heatlens.pictures.overlays.to_rgb_array` accepts.
         maps: ``(k, h, w)`` concept strengths in [0, 1]; resized (bilinear) to the image.
         colors: ``(k, 3)`` colours in [0, 1], one per concept (:func:`concept_colors`).
         image_weight: weight of the image where a concept is at full strength, in [0, 1].
@@ -69,8 +76,8 @@ def concept_overlay(image: ImageLike, maps: HeatmapLike, colors: np.ndarray, *,
 
 def concept_figure(panels: Sequence[ImageLike], entries: Sequence[str], colors: np.ndarray, *,
                    titles: Sequence[str] | None = None, rows: int = 1) -> Figure:
-    """The panels in a grid (:func:`heatlens.viz.figure_grid`) and, below them, a legend with
-    one coloured patch and text entry per concept."""
+    """The panels in a grid (:func:`heatlens.pictures.overlays.figure_grid`) and, below them, a
+    legend with one coloured patch and text entry per concept."""
     if len(entries) != len(colors):
         raise ValueError(f"got {len(entries)} legend entries for {len(colors)} colours")
     figure = figure_grid(panels, titles, rows=rows)

@@ -17,7 +17,7 @@ Score-CAM's ``variant="softmax"`` weights from saturating on large regions).
 
 ``layer="auto"`` on a torchvision segmentation model explains at the deepest stage its backbone
 returns (``backbone.layer4`` of the ResNet models, ``backbone.16`` of the MobileNetV3 ones; see
-:func:`heatlens.layers.backbone_stage`), not at the head's K-channel score map.
+:func:`heatlens.engine.layers.backbone_stage`), not at the head's K-channel score map.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from heatlens.targets import Target, class_indices, primary_output
+from heatlens.engine.targets import Target, class_indices, primary_output
 
 __all__ = ["ClassRegion", "dense_scores"]
 
@@ -38,7 +38,8 @@ Reduction = Literal["sum", "mean"]
 
 def dense_scores(output: Any, what: str = "ClassRegion") -> Tensor:
     """The per-position class scores ``(B, K, *S)`` in a model output (see
-    :func:`heatlens.targets.primary_output`); a ``ValueError`` saying what to do otherwise."""
+    :func:`heatlens.engine.targets.primary_output`); a ``ValueError`` saying what to do
+    otherwise."""
     try:
         scores = primary_output(output)
     except TypeError:

@@ -16,7 +16,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from heatlens.images import upright_rgb
+from heatlens.loading.images import upright_rgb
 
 __all__ = ["IMAGENET", "Preset"]
 
@@ -79,12 +79,12 @@ class Preset:
         """Return ``image`` resized and center-cropped exactly as the model sees it.
 
         The image is first turned upright by its EXIF orientation and converted to RGB
-        (:func:`heatlens.images.upright_rgb`). The result is ``crop`` x ``crop`` pixels.
+        (:func:`heatlens.loading.images.upright_rgb`). The result is ``crop`` x ``crop`` pixels.
         """
         if not isinstance(image, Image.Image):
             msg = (
                 f"Preset takes PIL images, got {type(image).__name__}; "
-                "load files with heatlens.images.load_image(path)"
+                "load files with heatlens.loading.images.load_image(path)"
             )
             raise TypeError(msg)
         resized = F.resize(

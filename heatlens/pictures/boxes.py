@@ -1,6 +1,7 @@
 """Boxes on pictures: detections drawn with their labels, over an image or a heatmap overlay.
 
-Drawn with Pillow; the image conversions and the heatmap overlay are :mod:`heatlens.viz`'s.
+Drawn with Pillow; the image conversions and the heatmap overlay are
+:mod:`heatlens.pictures.overlays`'s.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from heatlens.viz import HeatmapLike, ImageLike, float64_values, overlay, to_rgb_array
+from heatlens.pictures.overlays import HeatmapLike, ImageLike, float64_values, overlay, to_rgb_array
 
 __all__ = ["box_caption", "draw_boxes", "overlay_with_boxes"]
 
@@ -39,7 +40,7 @@ def draw_boxes(image: ImageLike, boxes: torch.Tensor | np.ndarray | Sequence[Seq
     """A copy of ``image`` with each box outlined and captioned (label name and score).
 
     Args:
-        image: the picture, anything :func:`heatlens.viz.to_rgb_array` accepts.
+        image: the picture, anything :func:`heatlens.pictures.overlays.to_rgb_array` accepts.
         boxes: ``(N, 4)`` as (x1, y1, x2, y2) in the picture's pixels.
         labels: ``N`` class indices (colour and caption), or ``None``.
         scores: ``N`` scores for the captions, or ``None``.
@@ -79,8 +80,8 @@ def overlay_with_boxes(image: ImageLike, heatmap: HeatmapLike, boxes: torch.Tens
                        scores: torch.Tensor | np.ndarray | Sequence[float] | None = None, *,
                        names: Sequence[str] | None = None, alpha: float = 0.5,
                        cmap: str = "jet", width: int = 2) -> Image.Image:
-    """The heatmap blended over ``image`` (:func:`heatlens.viz.overlay`), then the boxes drawn
-    on top (:func:`draw_boxes`)."""
+    """The heatmap blended over ``image`` (:func:`heatlens.pictures.overlays.overlay`), then the
+    boxes drawn on top (:func:`draw_boxes`)."""
     return draw_boxes(overlay(image, heatmap, alpha=alpha, cmap=cmap), boxes, labels, scores,
                       names=names, width=width)
 

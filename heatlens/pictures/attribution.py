@@ -37,7 +37,7 @@ from matplotlib.colors import Colormap, LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
-from heatlens.viz import ImageLike, colormap, float64_values, to_rgb_array
+from heatlens.pictures.overlays import ImageLike, colormap, float64_values, to_rgb_array
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -271,9 +271,9 @@ def attribution_image(
     Args:
         attr: ``(C, H, W)`` or ``(H, W)`` numpy array or tensor (see :func:`attribution_map`),
             e.g. ``explanation.raw[0]``.
-        image: the picture explained, anything :func:`heatlens.viz.to_rgb_array` accepts (uint8
-            or floats in [0, 1]); needed by every method but ``"heat_map"``. When given, the
-            result has its size (the normalised map is resized to it, bilinear).
+        image: the picture explained, anything :func:`heatlens.pictures.overlays.to_rgb_array`
+            accepts (uint8 or floats in [0, 1]); needed by every method but ``"heat_map"``. When
+            given, the result has its size (the normalised map is resized to it, bilinear).
         method: one of :data:`METHODS` (see the module's description).
         sign: one of :data:`SIGNS`; ``"all"`` does not go with ``"masked_image"`` or
             ``"alpha_scaling"``.
@@ -336,7 +336,8 @@ def attribution_figure(
         ax: draw on these axes instead of a new figure of ``figsize`` inches.
 
     Returns:
-        The figure drawn on (``ax``'s when given). Save it with :func:`heatlens.viz.save_figure`.
+        The figure drawn on (``ax``'s when given). Save it with
+        :func:`heatlens.pictures.overlays.save_figure`.
     """
     picture, scale = _render(attr, image, method, sign, outlier_perc, cmap, alpha_overlay)
     if ax is None:

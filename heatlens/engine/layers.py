@@ -13,8 +13,8 @@ VGG-11 ``features.19``, EfficientNet-Lite0 ``_swish`` (after ``_conv_head``).
 
 Two families are recognised before probing: torchvision's segmentation models and detectors
 explain at the deepest stage their backbone returns (:func:`backbone_stage`), and transformers at
-the first normalisation of their last block (:func:`heatlens.tokens.transformer_layer`), whose
-tokens are laid out on the patch grid by :func:`heatlens.tokens.infer_layout`.
+the first normalisation of their last block (:func:`~heatlens.engine.tokens.transformer_layer`),
+whose tokens are laid out on the patch grid by :func:`~heatlens.engine.tokens.infer_layout`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from heatlens.capture import buffers_kept
-from heatlens.tokens import infer_layout, transformer_layer
+from heatlens.engine.capture import buffers_kept
+from heatlens.engine.tokens import infer_layout, transformer_layer
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
 

@@ -29,123 +29,21 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor, nn
 
-from heatlens.capture import buffers_kept, forward_with_capture
-from heatlens.layers import LayerSpec, module_by_name, resolve_layers
-from heatlens.maps import spatial_dims, upsample
+from heatlens.concepts.nmf import check_int, nmf
+from heatlens.engine.capture import buffers_kept, forward_with_capture
+from heatlens.engine.layers import LayerSpec, module_by_name, resolve_layers
+from heatlens.engine.maps import spatial_dims, upsample
+from heatlens.engine.targets import primary_output
 from heatlens.methods.base import as_batch, warn_if_training
-from heatlens.targets import primary_output
-from heatlens.viz import ImageLike, picture_maps
+from heatlens.pictures.overlays import ImageLike, picture_maps
 
-__all__ = ["Concepts", "Factorization", "factorize", "nmf"]
+__all__ = ["Concepts", "factorize"]
 
 HeadSpec = str | nn.Module | Callable[[Tensor], Tensor] | None
 """The classifier head: ``"auto"``, a module name, a module or callable ``(k, C) -> (k, K)``
 scores, or ``None`` for no labels."""
 
 _HEAD_NAMES = ("fc", "classifier", "_fc", "head")
-_CHECK_EVERY = 10  # iterations between two evaluations of the reconstruction error
-
-
-@dataclass(frozen=True)
-class Factorization:
-    """``A ≈ W H`` found by :func:`nmf`.
-
-    Attributes:
-        weights: ``W``, ``(N, k)``, non-negative; each column's maximum is 1 (or the column is 0).
-        components: ``H``, ``(k, C)``, non-negative.
-        relative_error: ``||A - W H||_F / ||A||_F`` (0 for ``A = 0``).
-        iterations: multiplicative-update iterations run.
-        converged: whether the tolerance was met before ``max_iter``.
-    """
-
-    weights: Tensor
-    components: Tensor
-    relative_error: float
-    iterations: int
-    converged: bool
-
-
-def nmf(matrix: Tensor, n_components: int, *, seed: int = 0, max_iter: int = 1000,
-        tol: float = 1e-5) -> Factorization:
-    """Non-negative matrix factorization ``A ≈ W H`` minimising ``||A - W H||_F^2``.
-
-    Multiplicative updates of Lee and Seung ("Algorithms for Non-negative Matrix Factorization",
-    NIPS 2001, Theorem 1), which never increase the error and keep both factors non-negative::
-
-        H <- H * (W^T A) / (W^T W H)
-        W <- W * (A H^T) / (W H H^T)
-
-    Each denominator is clamped at the smallest normal float of the dtype, a guard against 0 / 0
-    that leaves every other value as it is. ``W`` and ``H`` start uniform in
-    ``[0, sqrt(mean(A) / k))``, drawn from a generator seeded with ``seed`` on the matrix's device
-    (the global random state is not used). Every 10 iterations the relative error
-    ``e = ||A - W H||_F / ||A||_F`` is evaluated; the updates stop when ``e`` fell by at most
-    ``tol`` times its previous value over those 10 iterations, or after ``max_iter`` iterations.
-
-    The result is put in a canonical form, since ``(W D, D^-1 H)`` fits equally well for any
-    positive diagonal ``D``: each column of ``W`` is scaled to a maximum of 1 (so a row of ``H`` is
-    the concept at its strongest position), and components are ordered by their part of the
-    reconstruction, ``||W_j||_2 · ||H_j||_2``, largest first.
-
-    Args:
-        matrix: ``A``, ``(N, C)``, non-negative, finite. Computed in float32, or float64 if given.
-        n_components: ``k >= 1``; at most ``C`` is useful.
-        seed: seed of the initialisation; the same seed gives the same result.
-        max_iter: maximum number of iterations, ``>= 1``.
-        tol: relative tolerance of the stopping rule, ``>= 0`` (0: run ``max_iter`` iterations).
-    """
-    if matrix.ndim != 2:
-        raise ValueError(f"nmf needs a matrix (N, C), got shape {tuple(matrix.shape)}")
-    _check_int(n_components, "n_components", 1)
-    _check_int(max_iter, "max_iter", 1)
-    _check_int(seed, "seed", None)
-    if not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    work = matrix.detach().to(torch.promote_types(matrix.dtype, torch.float32))
-    if not bool(torch.isfinite(work).all()):
-        raise ValueError("nmf needs a finite matrix; the activations hold NaN or infinite values")
-    if bool((work < 0).any()):
-        raise ValueError("nmf needs a non-negative matrix; clamp it at 0 first (A.clamp_min(0))")
-    rows, cols = work.shape
-    norm = torch.linalg.matrix_norm(work)
-    if float(norm) == 0.0:
-        zeros = work.new_zeros
-        return Factorization(zeros(rows, n_components), zeros(n_components, cols), 0.0, 0, True)
-
-    generator = torch.Generator(device=work.device).manual_seed(seed)
-    scale = (work.mean() / n_components).sqrt()
-    w = torch.rand(rows, n_components, generator=generator, device=work.device,
-                   dtype=work.dtype) * scale
-    h = torch.rand(n_components, cols, generator=generator, device=work.device,
-                   dtype=work.dtype) * scale
-    tiny = torch.finfo(work.dtype).tiny
-    previous = float("inf")
-    converged = False
-    iteration = 0
-    while iteration < max_iter:
-        iteration += 1
-        h = h * (w.T @ work) / ((w.T @ w) @ h).clamp_min(tiny)
-        w = w * (work @ h.T) / (w @ (h @ h.T)).clamp_min(tiny)
-        if iteration % _CHECK_EVERY == 0:
-            error = float(torch.linalg.matrix_norm(work - w @ h) / norm)
-            if previous < float("inf") and previous - error <= tol * previous:
-                converged = True
-                break
-            previous = error
-    error = float(torch.linalg.matrix_norm(work - w @ h) / norm)
-    w, h = _canonical(w, h)
-    return Factorization(w, h, error, iteration, converged)
-
-
-def _canonical(w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """Scale each column of ``w`` to a maximum of 1 (``h`` inversely) and order the components
-    by ``||w_j|| · ||h_j||``, largest first."""
-    peak = w.amax(dim=0)
-    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-    w, h = w / peak, h * peak[:, None]
-    order = torch.argsort(torch.linalg.vector_norm(w, dim=0) * torch.linalg.vector_norm(h, dim=1),
-                          descending=True, stable=True)
-    return w[:, order], h[order]
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,8 +112,8 @@ class Concepts:
     def overlay(self, image: ImageLike, index: int = 0, *, image_weight: float = 0.3,
                 cmap: str = "gist_rainbow") -> Image.Image:
         """Image ``index`` with each pixel coloured by its strongest concept, opacity by that
-        concept's strength (see :func:`heatlens.concepts_viz.concept_overlay`)."""
-        from heatlens.concepts_viz import concept_colors, concept_overlay
+        concept's strength (see :func:`heatlens.pictures.concepts.concept_overlay`)."""
+        from heatlens.pictures.concepts import concept_colors, concept_overlay
 
         maps = picture_maps(self.maps, index, per_map=1)
         return concept_overlay(image, maps, concept_colors(self.n_components, cmap),
@@ -226,7 +124,7 @@ class Concepts:
                image_weight: float = 0.3, cmap: str = "gist_rainbow", rows: int = 1) -> Figure:
         """A figure of :meth:`overlay` for each image of the batch (one image, or one per map),
         with a legend naming each concept's colour and :meth:`legend` line."""
-        from heatlens.concepts_viz import concept_colors, concept_figure
+        from heatlens.pictures.concepts import concept_colors, concept_figure
 
         shown = list(images) if isinstance(images, list | tuple) else [images]
         batch = self.maps.shape[0]
@@ -242,7 +140,7 @@ class Concepts:
              image_weight: float = 0.3, cmap: str = "gist_rainbow", rows: int = 1) -> Path:
         """Write :meth:`figure` to ``path`` (format from the suffix; an existing file is
         replaced) and return the path."""
-        from heatlens.viz import save_figure
+        from heatlens.pictures.overlays import save_figure
 
         figure = self.figure(images, labels=labels, titles=titles, image_weight=image_weight,
                              cmap=cmap, rows=rows)
@@ -295,8 +193,8 @@ def factorize(model: nn.Module, inputs: Tensor, n_components: int = 5,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     model = getattr(model, "_orig_mod", model)  # torch.compile: the module it wraps
-    _check_int(n_components, "n_components", 1)
-    _check_int(top_k, "top_k", 1)
+    check_int(n_components, "n_components", 1)
+    check_int(top_k, "top_k", 1)
     x = as_batch(inputs, model)
     warn_if_training(model)
     with buffers_kept(model), torch.inference_mode(False):
@@ -339,13 +237,6 @@ def factorize(model: nn.Module, inputs: Tensor, n_components: int = 5,
         head=head_reason,
         notes=notes,
     )
-
-
-def _check_int(value: Any, name: str, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
 def _check_layer(acts: Tensor, name: str, n_components: int) -> None:

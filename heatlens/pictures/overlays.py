@@ -120,7 +120,7 @@ def overlay(
 
     A heatmap of another size than the image is resized to it (bilinear) before colouring.
     For a pixel-exact overlay, pass the display image of the preset that made the model input
-    (:meth:`heatlens.presets.Preset.display`).
+    (:meth:`heatlens.loading.presets.Preset.display`).
 
     Args:
         image: The picture, anything :func:`to_rgb_array` accepts.

@@ -23,7 +23,7 @@ __all__ = ["load_image", "sample_image_path", "upright_rgb"]
 DEFAULT_MAX_PIXELS = 89_478_485
 """Default ``max_pixels`` of :func:`load_image`: Pillow's default limit, about 0.25 GiB of RGBA."""
 
-_SAMPLE_IMAGE = Path(__file__).with_name("data") / "chelsea.jpg"
+_SAMPLE_IMAGE = Path(__file__).parent.parent / "data" / "chelsea.jpg"
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 

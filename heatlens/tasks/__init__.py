@@ -1,0 +1,1 @@
+"""Targets for tasks beyond classification: segmentation regions and detection boxes."""
