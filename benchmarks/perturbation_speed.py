@@ -162,7 +162,7 @@ def case_captum(repeats: int) -> list[dict]:
                 ("captum", captum)]
 
     def ours_ig() -> Tensor:
-        return heatlens.explain(model, x, method="integratedgradients", target=classes,
+        return heatlens.explain(model, x, method="integrated_gradients", target=classes,
                                 steps=50, show_progress=False).raw
 
     def captum_ig() -> Tensor:
@@ -209,8 +209,8 @@ def memory_child(case: str) -> None:
                           "peak_growth_mib": float("nan"), "seconds": float("nan")}))
         return
     else:
-        method = "scorecam" if case.startswith("scorecam") else "integratedgradients"
-        options = {"steps": 200} if method == "integratedgradients" else {"layer": "layer4"}
+        method = "scorecam" if case.startswith("scorecam") else "integrated_gradients"
+        options = {"steps": 200} if method == "integrated_gradients" else {"layer": "layer4"}
 
         def run() -> object:
             return heatlens.explain(model, x, method=method, target=1, memory_budget=BUDGET,

@@ -5,113 +5,70 @@
     loaded = heatlens.load_model()  # EfficientNet-Lite0, ImageNet
     batch, shown = loaded.preset(heatlens.load_image(heatlens.sample_image_path()))
     heatlens.explain(loaded.model, batch).overlay(shown[0]).save("why.png")
+
+The public names are the keys of ``_PUBLIC`` below and every method class of the registry
+(``heatlens.GradCAM``, ...). Each is imported when first used, so ``import heatlens`` costs
+almost nothing (torch, torchvision and matplotlib load only when a name needs them).
 """
 
-from heatlens.api import explain
-from heatlens.concepts.factorize import Concepts, factorize
-from heatlens.engine.layers import candidate_layers
-from heatlens.engine.targets import (
-    BinaryOutput,
-    CallableTarget,
-    ClassLogit,
-    ClassProbability,
-    RegressionOutput,
-    Target,
-)
-from heatlens.explanation import Explanation
-from heatlens.loading.images import load_image, sample_image_path
-from heatlens.loading.models import LoadedModel, load_labels, load_model
-from heatlens.loading.presets import IMAGENET, Preset
-from heatlens.methods import (
-    CAM,
-    ISCAM,
-    RISE,
-    SSCAM,
-    AblationCAM,
-    AttentionRollout,
-    Chefer,
-    Deconvnet,
-    EigenCAM,
-    EigenGradCAM,
-    Explainer,
-    FullGrad,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    GradientRollout,
-    GuidedBackprop,
-    GuidedGradCAM,
-    HiResCAM,
-    InputXGradient,
-    IntegratedGradients,
-    LayerCAM,
-    Occlusion,
-    Saliency,
-    ScoreCAM,
-    SmoothGradCAMPlusPlus,
-    XGradCAM,
-    create_explainer,
-    list_methods,
-)
-from heatlens.methods.tunnel import NoiseTunnel
-from heatlens.pictures.boxes import draw_boxes, overlay_with_boxes
-from heatlens.tasks.detection import BoxScore
-from heatlens.tasks.segmentation import ClassRegion
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CAM",
-    "IMAGENET",
-    "ISCAM",
-    "RISE",
-    "SSCAM",
-    "AblationCAM",
-    "AttentionRollout",
-    "BinaryOutput",
-    "BoxScore",
-    "CallableTarget",
-    "Chefer",
-    "ClassLogit",
-    "ClassProbability",
-    "ClassRegion",
-    "Concepts",
-    "Deconvnet",
-    "EigenCAM",
-    "EigenGradCAM",
-    "Explainer",
-    "Explanation",
-    "FullGrad",
-    "GradCAM",
-    "GradCAMElementWise",
-    "GradCAMPlusPlus",
-    "GradientRollout",
-    "GuidedBackprop",
-    "GuidedGradCAM",
-    "HiResCAM",
-    "InputXGradient",
-    "IntegratedGradients",
-    "LayerCAM",
-    "LoadedModel",
-    "NoiseTunnel",
-    "Occlusion",
-    "Preset",
-    "RegressionOutput",
-    "Saliency",
-    "ScoreCAM",
-    "SmoothGradCAMPlusPlus",
-    "Target",
-    "XGradCAM",
-    "__version__",
-    "candidate_layers",
-    "create_explainer",
-    "draw_boxes",
-    "explain",
-    "factorize",
-    "list_methods",
-    "load_image",
-    "load_labels",
-    "load_model",
-    "overlay_with_boxes",
-    "sample_image_path",
-]
+_PUBLIC = {
+    # the front door, its result and the method classes' base
+    "explain": "heatlens.api",
+    "Explanation": "heatlens.explanation",
+    "Explainer": "heatlens.methods.base",
+    "NoiseTunnel": "heatlens.methods.tunnel",
+    "create_explainer": "heatlens.methods.registry",
+    "list_methods": "heatlens.methods.registry",
+    "candidate_layers": "heatlens.engine.layers",
+    # what to explain
+    "Target": "heatlens.engine.targets",
+    "ClassLogit": "heatlens.engine.targets",
+    "ClassProbability": "heatlens.engine.targets",
+    "BinaryOutput": "heatlens.engine.targets",
+    "RegressionOutput": "heatlens.engine.targets",
+    "CallableTarget": "heatlens.engine.targets",
+    "ClassRegion": "heatlens.tasks.segmentation",
+    "BoxScore": "heatlens.tasks.detection",
+    # concepts
+    "factorize": "heatlens.concepts.factorize",
+    "Concepts": "heatlens.concepts.factorize",
+    # models and images in
+    "load_model": "heatlens.loading.models",
+    "load_labels": "heatlens.loading.models",
+    "LoadedModel": "heatlens.loading.models",
+    "load_image": "heatlens.loading.images",
+    "sample_image_path": "heatlens.loading.images",
+    "Preset": "heatlens.loading.presets",
+    "IMAGENET": "heatlens.loading.presets",
+    # pictures
+    "draw_boxes": "heatlens.pictures.boxes",
+    "overlay_with_boxes": "heatlens.pictures.boxes",
+}
+
+
+def _method_classes() -> dict[str, str]:
+    from heatlens.methods.registry import catalog
+
+    return {info.class_name: info.module for info in catalog().values()}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__all__":
+        return sorted([*_PUBLIC, *_method_classes(), "__version__"])
+    module = _PUBLIC.get(name) or _method_classes().get(name)
+    if module is None:
+        raise AttributeError(f"module 'heatlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__getattr__("__all__")})

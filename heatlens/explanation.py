@@ -54,6 +54,14 @@ class Explanation:
         maps = tuple(self.raw_by_layer[name] for name in self.layers)
         return maps[0] if len(maps) == 1 else maps
 
+    @property
+    def attributions(self) -> Tensor | None:
+        """The signed attribution of every input element, ``(B, C, *input_spatial)``, for a pixel
+        attribution method (saliency, integrated gradients, occlusion, ...); ``None`` for a
+        map over positions (CAM methods, FullGrad, attention methods)."""
+        raw = self.raw_by_layer.get("input")
+        return raw if raw is not None and raw.ndim == self.maps.ndim + 1 else None
+
     def __len__(self) -> int:
         return self.maps.shape[0]
 

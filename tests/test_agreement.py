@@ -75,7 +75,7 @@ PYTORCH_GRAD_CAM = {
     "xgradcam": XGradCAM,
     "layercam": LayerCAM,
     "hirescam": HiResCAM,
-    "gradcamelementwise": GradCAMElementWise,
+    "gradcam_elementwise": GradCAMElementWise,
 }
 
 # Grad-CAM++ is compared with pytorch-grad-cam on logits scaled by this factor (see docstring, 1.)
@@ -435,7 +435,7 @@ def reference_cam(method: str, acts: Tensor, grads: Tensor) -> Tensor:
         return (grads.clamp_min(0) * acts).sum(1)
     if method == "hirescam":  # sum_k G^k A^k
         return (grads * acts).sum(1)
-    if method == "gradcamelementwise":  # sum_k relu(G^k A^k)
+    if method == "gradcam_elementwise":  # sum_k relu(G^k A^k)
         return (grads * acts).clamp_min(0).sum(1)
     raise AssertionError(method)
 

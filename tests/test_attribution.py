@@ -100,8 +100,8 @@ CAPTUM_SIMPLE = {
     # heatlens method and options -> Captum class and attribute() options
     "saliency": ({}, "Saliency", {"abs": False}),
     "saliency_abs": ({"absolute": True}, "Saliency", {"abs": True}),
-    "inputxgradient": ({}, "InputXGradient", {}),
-    "guidedbackprop": ({}, "GuidedBackprop", {}),
+    "input_x_gradient": ({}, "InputXGradient", {}),
+    "guided_backprop": ({}, "GuidedBackprop", {}),
     "deconvnet": ({}, "Deconvolution", {}),
 }
 
@@ -118,7 +118,7 @@ def test_gradient_methods_match_captum(setups, model_name, case):
     assert ours.shape == x.shape
     assert float(expected.detach().abs().max()) > 0
     assert max_diff(ours, expected) <= TOL, f"{case} on {model_name}"
-    if method in ("guidedbackprop", "deconvnet"):
+    if method in ("guided_backprop", "deconvnet"):
         plain = heatlens.explain(model, x, "saliency", target=targets).raw
         if model_name == "resnet18":  # the rule is at work on resnet18's nn.ReLU(inplace=True)
             assert max_diff(ours, plain) > 0.5 * float(plain.abs().max())
@@ -129,7 +129,7 @@ def test_gradient_methods_match_captum(setups, model_name, case):
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_guided_gradcam_matches_captum(setups, model_name):
     model, theirs, x, targets, layer = setups[model_name]
-    ours = heatlens.explain(model, x, "guidedgradcam", target=targets, layer=layer,
+    ours = heatlens.explain(model, x, "guided_gradcam", target=targets, layer=layer,
                             upsampling="nearest")
     expected = quiet(captum_attr.GuidedGradCam(theirs, theirs.get_submodule(layer)).attribute,
                      x, target=targets)
@@ -144,7 +144,7 @@ def test_guided_gradcam_matches_captum(setups, model_name):
 def test_integrated_gradients_match_captum(setups, model_name, rule):
     model, theirs, x, targets, _ = setups[model_name]
     steps = IG_MODELS[model_name]
-    ours = heatlens.explain(model, x, "integratedgradients", target=targets, steps=steps,
+    ours = heatlens.explain(model, x, "integrated_gradients", target=targets, steps=steps,
                             rule=rule, baseline="zeros")
     expected, delta = quiet(captum_attr.IntegratedGradients(theirs).attribute, x,
                             baselines=torch.zeros_like(x), target=targets, n_steps=steps,
@@ -156,7 +156,7 @@ def test_integrated_gradients_match_captum(setups, model_name, rule):
     if rule == "gausslegendre":
         # the test means something: this model is not positively homogeneous (measured max
     # |IG - input x gradient|: 0.032 on resnet18_bn, 0.55 on mobilenet_v2)
-        ixg = heatlens.explain(model, x, "inputxgradient", target=targets).raw
+        ixg = heatlens.explain(model, x, "input_x_gradient", target=targets).raw
         assert max_diff(ours.raw, ixg) > 0.1 * float(ixg.abs().max())
 
 
@@ -194,7 +194,7 @@ def test_ig_completeness_on_mobilenet(mobilenet_v2_imagenet, photos_112):
         gain = (model(x) - model(torch.zeros_like(x)))[[0, 1], targets].double()
     deltas = {}
     for steps in (8, 64):
-        e = heatlens.explain(model, x, "integratedgradients", target=targets, steps=steps,
+        e = heatlens.explain(model, x, "integrated_gradients", target=targets, steps=steps,
                              rule="gausslegendre")
         total = e.raw.flatten(1).sum(1, dtype=torch.float64)
         delta = e.details["convergence_delta"].double()
@@ -230,7 +230,7 @@ def test_ig_delta_shrinks_at_each_rules_order_on_a_smooth_network():
     targets = [0, 3, 1, 4]
 
     def delta(rule: str, steps: int) -> Tensor:
-        e = heatlens.explain(model, x, "integratedgradients", target=targets, steps=steps,
+        e = heatlens.explain(model, x, "integrated_gradients", target=targets, steps=steps,
                              rule=rule)
         return e.details["convergence_delta"].abs()
 
@@ -266,7 +266,7 @@ def test_trapezoid_delta_beats_captum(mobilenet_v2_imagenet, photos_112):
     """Captum's trapezoid uses weights ``1/n`` halved at both ends, which sum to ``(n-1)/n``:
     its attributions are ours times ``(n-1)/n`` and its delta is off by about ``-gain / n``."""
     model, x, targets, steps = mobilenet_v2_imagenet, photos_112, [285, 967], 8
-    ours = heatlens.explain(model, x, "integratedgradients", target=targets, steps=steps,
+    ours = heatlens.explain(model, x, "integrated_gradients", target=targets, steps=steps,
                             rule="riemann_trapezoid")
     expected, delta = quiet(captum_attr.IntegratedGradients(copy.deepcopy(model)).attribute, x,
                             target=targets, n_steps=steps, method="riemann_trapezoid",
@@ -367,7 +367,7 @@ def test_guided_backprop_and_deconvnet_follow_the_rule_by_hand(style, small_inpu
     assert max_diff(plain, autograd) < 1e-6  # the hand-written reference is right
 
     saliency = heatlens.explain(model, x, "saliency", target=targets).raw
-    ours = heatlens.explain(model, x, "guidedbackprop", target=targets).raw
+    ours = heatlens.explain(model, x, "guided_backprop", target=targets).raw
     ours_deconv = heatlens.explain(model, x, "deconvnet", target=targets).raw
     assert max_diff(saliency, plain) < 1e-6
     assert max_diff(ours, guided) < 1e-6
@@ -378,9 +378,9 @@ def test_guided_backprop_and_deconvnet_follow_the_rule_by_hand(style, small_inpu
 
     for context in (torch.no_grad, torch.inference_mode):
         with context():
-            again = heatlens.explain(model, x, "guidedbackprop", target=targets).raw
+            again = heatlens.explain(model, x, "guided_backprop", target=targets).raw
             inside = x.clone()  # an inference tensor under inference_mode
-            again_inside = heatlens.explain(model, inside, "guidedbackprop", target=targets).raw
+            again_inside = heatlens.explain(model, inside, "guided_backprop", target=targets).raw
         assert torch.equal(again, ours) and torch.equal(again_inside, ours), context.__name__
 
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -398,7 +398,7 @@ def test_captum_guided_backprop_misses_functional_relus(small_input):
     x, targets = small_input
     theirs = quiet(captum_attr.GuidedBackprop(copy.deepcopy(model)).attribute, x, target=targets)
     assert max_diff(theirs, hand_backprop(model, x, targets, "plain")) < 1e-6
-    ours = heatlens.explain(model, x, "guidedbackprop", target=targets).raw
+    ours = heatlens.explain(model, x, "guided_backprop", target=targets).raw
     assert max_diff(ours, hand_backprop(model, x, targets, "guided")) < 1e-6
 
 
@@ -412,7 +412,7 @@ def test_relu_rule_is_removed_when_the_forward_raises(small_input):
     model = make_two_conv("inplace", Fails)
     x, targets = small_input
     with pytest.raises(RuntimeError, match="boom"):
-        heatlens.explain(model, x, "guidedbackprop", target=targets)
+        heatlens.explain(model, x, "guided_backprop", target=targets)
     assert torch._C._len_torch_function_stack() == 0
     assert hook_count(model) == 0
 
@@ -420,7 +420,7 @@ def test_relu_rule_is_removed_when_the_forward_raises(small_input):
 def test_guided_backprop_with_discarded_in_place_relu(small_input):
     model = make_two_conv("functional", DiscardedInPlace)
     x, targets = small_input
-    ours = heatlens.explain(model, x, "guidedbackprop", target=targets).raw
+    ours = heatlens.explain(model, x, "guided_backprop", target=targets).raw
     assert max_diff(ours, hand_backprop(model, x, targets, "guided")) < 1e-6
 
 
@@ -590,10 +590,10 @@ def test_bad_input_is_a_value_error(small_input):
     with pytest.raises(ValueError, match="layer= does not apply"):
         heatlens.explain(model, x, "saliency", target=targets, layer="conv1")
     with pytest.raises(ValueError, match="riemann_trapezoid") as info:
-        heatlens.explain(model, x, "integratedgradients", target=targets, rule="simpson")
+        heatlens.explain(model, x, "integrated_gradients", target=targets, rule="simpson")
     assert "simpson" in str(info.value)
     with pytest.raises(ValueError) as info:
-        heatlens.explain(model, x, "integratedgradients", target=targets,
+        heatlens.explain(model, x, "integrated_gradients", target=targets,
                          baseline=torch.zeros(3, 5, 5))
     assert "(3, 5, 5)" in str(info.value) and "(4, 3, 12, 12)" in str(info.value)
     with pytest.raises(ValueError, match="larger than the input"):

@@ -95,7 +95,7 @@ def real_attributions(mobilenet_v2_imagenet, imagenet_photos) -> dict[str, np.nd
     saliency, and input x gradient made from it (one model pass: the CPU is shared)."""
     photos = imagenet_photos[:2]
     saliency = heatlens.explain(mobilenet_v2_imagenet, photos, method="saliency").raw.double()
-    return {"saliency": saliency.numpy(), "inputxgradient": (photos * saliency).numpy()}
+    return {"saliency": saliency.numpy(), "input_x_gradient": (photos * saliency).numpy()}
 
 
 @pytest.mark.parametrize("outlier_perc", [2, 0.5, 10, 37.5])
@@ -146,7 +146,7 @@ def test_cumulative_sum_threshold_agrees_with_captum():
 
 
 def test_no_outliers_scales_by_the_largest_magnitude(real_attributions):
-    attr = real_attributions["inputxgradient"][1]
+    attr = real_attributions["input_x_gradient"][1]
     total = attr.sum(axis=0)
     np.testing.assert_allclose(normalize_attribution(attr, "all", 0), total / np.abs(total).max())
 

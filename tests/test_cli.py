@@ -182,10 +182,10 @@ def test_show_opens_a_window(run, monkeypatch):
 @pytest.fixture
 def grid_panels(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Records the panels (as int arrays), titles and figure that ``heatlens explain`` lays out."""
-    import heatlens.cli
+    import heatlens.pictures.overlays
 
     recorded: dict = {}
-    real = heatlens.cli.figure_grid
+    real = heatlens.pictures.overlays.figure_grid
 
     def recording(panels, titles, **kwargs):
         recorded["panels"] = [np.asarray(panel, dtype=np.int64) for panel in panels]
@@ -193,7 +193,7 @@ def grid_panels(monkeypatch: pytest.MonkeyPatch) -> dict:
         recorded["figure"] = real(panels, titles, **kwargs)
         return recorded["figure"]
 
-    monkeypatch.setattr(heatlens.cli, "figure_grid", recording)
+    monkeypatch.setattr(heatlens.pictures.overlays, "figure_grid", recording)
     return recorded
 
 
@@ -212,10 +212,10 @@ def red_pixels(panel: np.ndarray) -> int:
 
 def test_attribution_methods_get_signed_pictures_in_one_grid(tmp_path, run, grid_panels):
     result = run("explain", "--arch", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
-                 "--method", "saliency,guidedbackprop,gradcam")
+                 "--method", "saliency,guided_backprop,gradcam")
     assert result.exit_code == 0, result.output
     assert [line.split(" | ")[0] for line in panel_lines(result)] == [
-        "chelsea.jpg: saliency", "chelsea.jpg: guidedbackprop", "chelsea.jpg: gradcam"]
+        "chelsea.jpg: saliency", "chelsea.jpg: guided_backprop", "chelsea.jpg: gradcam"]
     assert all(" | Egyptian cat | 0." in title for title in grid_panels["titles"])
     assert written(result) == Path("heatlens_chelsea.png")
     grid = assert_png(tmp_path / "heatlens_chelsea.png")
@@ -267,7 +267,9 @@ def test_methods_lists_names_aliases_and_summaries(run):
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines] == list_methods()
     gradcam = next(line for line in lines if line.startswith("gradcam "))
-    assert "(grad-cam)" in gradcam and "Selvaraju" in gradcam
+    assert "Selvaraju" in gradcam
+    assert next(line for line in lines if line.startswith("gradcam++ ")).startswith(
+        "gradcam++ (gradcampp, gradcam_plus_plus)")
     assert all("``" not in line and ":func:" not in line for line in lines)
     assert method_class("grad-cam++").name in result.stdout
 

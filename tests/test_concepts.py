@@ -328,12 +328,16 @@ def test_figure_has_a_legend_and_saves(found: Concepts, two_objects, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cli_concepts_never_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_cli_concepts_follows_the_out_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The one rule of every figure command: a named file is replaced, a directory gets the
+    default name inside it, never overwriting."""
     from skimage import data
 
     monkeypatch.chdir(tmp_path)
     Image.fromarray(data.chelsea()).save("chelsea.png")
-    Path("out.png").write_bytes(b"the user's own file")
+    Path("out.png").write_bytes(b"an earlier figure")
+    Path("figures").mkdir()
+    Path("figures/heatlens_chelsea_concepts.png").write_bytes(b"the user's own file")
     runner = CliRunner()
     result = runner.invoke(main, ["concepts", "chelsea.png", "--n-components", "3",
                                   "--top-k", "2", "-o", "out.png"])
@@ -341,10 +345,15 @@ def test_cli_concepts_never_overwrites(tmp_path: Path, monkeypatch: pytest.Monke
     lines = [line for line in result.stdout.splitlines() if line.startswith("concept ")]
     assert len(lines) == 3 and all(line.count(", ") == 1 for line in lines)
     assert any(cat in result.stdout for cat in CATS)
-    assert "wrote out-1.png" in result.stdout
-    assert Path("out.png").read_bytes() == b"the user's own file"
-    with Image.open("out-1.png") as saved:
+    assert "wrote out.png" in result.stdout
+    with Image.open("out.png") as saved:
         assert saved.format == "PNG"
+
+    inside = runner.invoke(main, ["concepts", "chelsea.png", "--n-components", "3",
+                                  "--out", "figures"])
+    assert inside.exit_code == 0, inside.output
+    assert "wrote figures/heatlens_chelsea_concepts-1.png" in inside.stdout
+    assert Path("figures/heatlens_chelsea_concepts.png").read_bytes() == b"the user's own file"
 
     usage = runner.invoke(main, ["concepts", "chelsea.png", "--n-components", "0"])
     assert usage.exit_code == 2 and "--n-components" in usage.output

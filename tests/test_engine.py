@@ -21,7 +21,7 @@ GRADIENT_METHODS = [
     "xgradcam",
     "layercam",
     "hirescam",
-    "gradcamelementwise",
+    "gradcam_elementwise",
     "eigengradcam",
 ]
 ALL_METHODS = [*GRADIENT_METHODS, "cam", "eigencam"]

@@ -47,10 +47,10 @@ METHODS = {
     "sscam": {"samples": 3, "noise": 0.3},
     "iscam": {"samples": 3},
     "ablationcam": {},
-    "smoothgradcam++": {"samples": 3},
+    "smooth_gradcam++": {"samples": 3},
     "fullgrad": {},
 }
-BUDGETED = ["scorecam", "sscam", "iscam", "ablationcam", "smoothgradcam++"]
+BUDGETED = ["scorecam", "sscam", "iscam", "ablationcam", "smooth_gradcam++"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -443,7 +443,7 @@ def test_scorecam_softmax_variant_formula(tiny, tiny_x):
 
 
 def test_smooth_gradcampp_formula_on_small_cnn(tiny, tiny_x):
-    ours = heatlens.explain(tiny, tiny_x, method="smoothgradcam++", target=TINY_TARGETS,
+    ours = heatlens.explain(tiny, tiny_x, method="smooth_gradcam++", target=TINY_TARGETS,
                             layer="act", samples=5, noise=0.2, seed=3)
     expected = ref_smooth_gradcampp(tiny, "act", tiny_x, TINY_TARGETS, samples=5, noise=0.2,
                                     seed=3)
@@ -451,7 +451,7 @@ def test_smooth_gradcampp_formula_on_small_cnn(tiny, tiny_x):
 
 
 def test_smooth_gradcampp_formula_on_resnet18(resnet18_seeded, resnet_x):
-    ours = heatlens.explain(resnet18_seeded, resnet_x, method="smoothgradcam++", target=TARGETS,
+    ours = heatlens.explain(resnet18_seeded, resnet_x, method="smooth_gradcam++", target=TARGETS,
                             layer="layer4", samples=4, noise=0.15, seed=11)
     expected = ref_smooth_gradcampp(resnet18_seeded, "layer4", resnet_x, TARGETS, samples=4,
                                     noise=0.15, seed=11)
@@ -527,7 +527,7 @@ def test_batch_invariance(tiny, tiny_x, method):
         assert max_diff(batch.maps[i], alone.maps[0]) <= 1e-5, i
 
 
-@pytest.mark.parametrize("method", ["sscam", "smoothgradcam++"])
+@pytest.mark.parametrize("method", ["sscam", "smooth_gradcam++"])
 def test_seeded_noise(tiny, tiny_x, method):
     first = run(tiny, tiny_x, method, TINY_TARGETS, seed=1)
     again = run(tiny, tiny_x, method, TINY_TARGETS, seed=1)
@@ -536,7 +536,7 @@ def test_seeded_noise(tiny, tiny_x, method):
     assert max_diff(first.maps, other.maps) > 1e-3
 
 
-@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "smoothgradcam++"])
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "smooth_gradcam++"])
 def test_threads_sharing_a_model(tiny, tiny_x, method):
     jobs = [(tiny_x[i % 3 : i % 3 + 1], t) for i, t in enumerate([0, 1, 4, 5])]
     serial = [run(tiny, x, method, t).maps for x, t in jobs]
@@ -559,7 +559,7 @@ def test_threads_sharing_a_model(tiny, tiny_x, method):
 def test_tiny_budget_chunks_without_changing_maps(tiny, tiny_x, method):
     model = copy.deepcopy(tiny)
     calls = count_forwards(model)
-    extra = {"samples": 8} if method == "smoothgradcam++" else {}
+    extra = {"samples": 8} if method == "smooth_gradcam++" else {}
     default = run(model, tiny_x, method, TINY_TARGETS, **extra)
     default_calls, calls[0] = calls[0], 0
     chunked = run(model, tiny_x, method, TINY_TARGETS, memory_budget=1, **extra)
@@ -568,7 +568,7 @@ def test_tiny_budget_chunks_without_changing_maps(tiny, tiny_x, method):
     # default: the capture pass, the one-off size measurement, a zero-mask pass, one chunk
     assert default_calls <= 4
     # smallest chunks: one channel (Score family), one ablated copy, one noise sample per pass
-    least = {"ablationcam": 3 * 12, "smoothgradcam++": 8}
+    least = {"ablationcam": 3 * 12, "smooth_gradcam++": 8}
     assert calls[0] >= 1 + least.get(method, 11)
     assert calls[0] > 2 * default_calls
 

@@ -110,7 +110,7 @@ def patch_net() -> PatchNet:
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "hirescam", "cam",
-                                    "xgradcam", "gradcamelementwise", "eigengradcam"])
+                                    "xgradcam", "gradcam_elementwise", "eigengradcam"])
 def test_map_peak_falls_on_the_known_evidence(patch_net, method):
     images, labels, corners = striped_patches(64, torch.Generator().manual_seed(123))
     accuracy = float((patch_net(images).argmax(1) == labels).float().mean())

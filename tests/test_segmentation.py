@@ -55,7 +55,7 @@ def centre_mask(side: int) -> torch.Tensor:
 
 def method_options(method: str, model_name: str) -> dict:
     options: dict = {"show_progress": False} if method in PER_CHANNEL else {}
-    if method in ("sscam", "iscam", "smoothgradcam++"):
+    if method in ("sscam", "iscam", "smooth_gradcam++"):
         options["samples"] = 2
     if method in PER_CHANNEL:
         options["layer"] = TORCHVISION[model_name][2]

@@ -34,10 +34,7 @@ from heatlens.pictures.boxes import overlay_with_boxes
 from heatlens.tasks.detection import BoxScore, detections_of
 from heatlens.tasks.segmentation import ClassRegion, dense_scores
 
-__all__ = ["TASKS", "Panel", "load_task_model", "task_panels"]
-
-TASKS = ("classification", "segmentation", "detection")
-"""The ``--task`` choices."""
+__all__ = ["Panel", "load_task_model", "task_panels"]
 
 _FAMILIES = {"segmentation": torchvision.models.segmentation,
              "detection": torchvision.models.detection}

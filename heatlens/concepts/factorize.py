@@ -17,7 +17,6 @@ held nothing but that concept everywhere.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import prod
@@ -30,11 +29,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from heatlens.concepts.nmf import check_int, nmf
-from heatlens.engine.capture import buffers_kept, forward_with_capture
+from heatlens.engine.capture import forward_with_capture
+from heatlens.engine.entry import OutputKey, entered, model_to_explain
+from heatlens.engine.heads import find_head, head_candidates
 from heatlens.engine.layers import LayerSpec, module_by_name, resolve_layers
-from heatlens.engine.maps import spatial_dims, upsample
+from heatlens.engine.maps import upsample
+from heatlens.engine.notices import warn
 from heatlens.engine.targets import primary_output
-from heatlens.methods.base import as_batch, warn_if_training
+from heatlens.engine.tokens import as_map, layer_layout
 from heatlens.pictures.overlays import ImageLike, picture_maps
 
 __all__ = ["Concepts", "factorize"]
@@ -43,7 +45,6 @@ HeadSpec = str | nn.Module | Callable[[Tensor], Tensor] | None
 """The classifier head: ``"auto"``, a module name, a module or callable ``(k, C) -> (k, K)``
 scores, or ``None`` for no labels."""
 
-_HEAD_NAMES = ("fc", "classifier", "_fc", "head")
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,7 +150,8 @@ class Concepts:
 
 def factorize(model: nn.Module, inputs: Tensor, n_components: int = 5,
               layer: LayerSpec = "auto", *, top_k: int = 2, head: HeadSpec = "auto",
-              seed: int = 0, max_iter: int = 1000, tol: float = 1e-5) -> Concepts:
+              seed: int = 0, max_iter: int = 1000, tol: float = 1e-5,
+              output: OutputKey | None = None) -> Concepts:
     """Deep Feature Factorization (Collins et al., ECCV 2018) of one layer over a batch.
 
     The layer's activations ``(B, C, *spatial)`` become ``A ∈ R^{N x C}`` with
@@ -179,6 +181,8 @@ def factorize(model: nn.Module, inputs: Tensor, n_components: int = 5,
         seed: seed of the factorization's initialisation (same seed, same result).
         max_iter: maximum number of multiplicative-update iterations.
         tol: relative tolerance of the stopping rule (see :func:`nmf`).
+        output: the entry of a dict or tuple output that holds the scores (see
+            :func:`heatlens.explain`).
 
     Returns:
         :class:`Concepts` with the maps, embeddings, labels and the reconstruction error.
@@ -190,25 +194,22 @@ def factorize(model: nn.Module, inputs: Tensor, n_components: int = 5,
             a head that cannot be found or returns the wrong shape, or ``top_k`` larger than the
             head's number of outputs.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    model = getattr(model, "_orig_mod", model)  # torch.compile: the module it wraps
+    model = model_to_explain(model)
     check_int(n_components, "n_components", 1)
     check_int(top_k, "top_k", 1)
-    x = as_batch(inputs, model)
-    warn_if_training(model)
-    with buffers_kept(model), torch.inference_mode(False):
-        x = x.clone() if x.is_inference() else x
+    with entered(model, inputs, output=output) as x:
         choice = resolve_layers(model, layer, x)
         if len(choice.names) != 1:
             raise ValueError(f"factorize takes one layer, got {len(choice.names)}: "
                              f"{list(choice.names)}")
         name = choice.names[0]
         captured = forward_with_capture(model, x, choice.as_dict(), with_gradients=False)
-        acts = captured.activations[name].detach()
+        layout = layer_layout(model, name, captured.activations[name], x)
+        acts = as_map(layout, captured.activations[name].detach())
         _check_layer(acts, name, n_components)
         with torch.no_grad():
-            head_fn, head_reason = _find_head(model, head, acts, captured.output, name)
+            head_fn, head_reason = _find_head(model, head, acts, captured.output, name,
+                                              tokens=layout is not None)
         matrix, notes = _nonnegative_rows(acts, name)
         found = nmf(matrix, n_components, seed=seed, max_iter=max_iter, tol=tol)
         grid = (acts.shape[0], *acts.shape[2:], n_components)
@@ -268,12 +269,12 @@ def _nonnegative_rows(acts: Tensor, name: str) -> tuple[Tensor, tuple[str, ...]]
         f"values, {share:.0%} of the magnitude); NMF needs non-negative data, so they were set "
         "to 0. Choose a layer after a ReLU for an exact factorization (layer='auto' usually is)."
     )
-    warnings.warn(note, stacklevel=3)
+    warn(note)
     return matrix.clamp_min(0), (note,)
 
 
-def _find_head(model: nn.Module, head: HeadSpec, acts: Tensor, output: Any,
-               name: str) -> tuple[Callable[[Tensor], Tensor] | None, str]:
+def _find_head(model: nn.Module, head: HeadSpec, acts: Tensor, output: Any, name: str, *,
+               tokens: bool) -> tuple[Callable[[Tensor], Tensor] | None, str]:
     """The classifier head as a callable and how it was found (``None``, ``""`` for no head)."""
     if head is None:
         return None, ""
@@ -289,54 +290,22 @@ def _find_head(model: nn.Module, head: HeadSpec, acts: Tensor, output: Any,
                 f"embeddings to (k, num_classes) scores, not {type(head).__name__}"
             )
         return head, "given by the caller"
-    channels = acts.shape[1]
     try:
-        expected = primary_output(output).detach()
-    except TypeError:
-        expected = None
-    tried = []
-    if expected is not None and expected.ndim == 2:
-        pooled = acts.mean(dim=spatial_dims(acts))
-        for label, module in _head_candidates(model, channels):
-            got = module(pooled)
-            if isinstance(got, Tensor) and got.shape == expected.shape and torch.allclose(
-                got.float(), expected.float(), rtol=1e-3,
-                atol=1e-4 * max(float(expected.abs().max()), 1.0),
-            ):
-                return module, (f"'{label}' ({type(module).__name__}; reproduces the model's "
-                                f"output from the global average of '{name}')")
-            tried.append(label)
-    what = (f"tried {', '.join(repr(t) for t in tried)}" if tried
-            else f"no linear layer of the model takes {channels} features")
-    raise ValueError(
-        f"cannot find the classifier head that turns the global average of layer {name!r} "
-        f"({channels} channels) into the model's output ({what}), so concepts cannot be "
-        "labelled. Pass head= a module or callable mapping (k, C) embeddings to (k, num_classes) "
-        "scores (e.g. head=model.fc), factorize the last feature layer (layer='auto'), or "
-        "head=None for concepts without labels. Is the model in eval() mode?"
-    )
-
-
-def _head_candidates(model: nn.Module, channels: int) -> list[tuple[str, nn.Module]]:
-    """Modules that may be the classifier head: first linear layer takes ``channels`` inputs."""
-    names = {module: name for name, module in model.named_modules()}
-    found: list[nn.Module] = []
-    get_classifier = getattr(model, "get_classifier", None)  # timm
-    if callable(get_classifier) and isinstance(get_classifier(), nn.Module):
-        found.append(get_classifier())
-    found += [getattr(model, n) for n in _HEAD_NAMES if isinstance(getattr(model, n, None),
-                                                                    nn.Module)]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    found += linears[-1:]
-    return [
-        (names.get(module, type(module).__name__), module)
-        for module in dict.fromkeys(found)
-        if (first := _first_linear(module)) is not None and first.in_features == channels
-    ]
-
-
-def _first_linear(module: nn.Module) -> nn.Linear | None:
-    return next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+        return find_head(model, acts, output, name)
+    except ValueError as exc:
+        candidates = head_candidates(model, acts.shape[1]) if tokens else []
+        if candidates:  # a transformer's head reads the class token, not pooled patches
+            label, module = candidates[0]
+            return module, (
+                f"'{label}' ({type(module).__name__}), the transformer's classifier; it reads "
+                "the class token, not an average of the patch tokens, so a concept's names say "
+                "what it makes of the concept's channel pattern"
+            )
+        raise ValueError(
+            f"{exc} So concepts cannot be labelled. Pass head= a module or callable mapping "
+            "(k, C) embeddings to (k, num_classes) scores (e.g. head=model.fc), factorize the "
+            "last feature layer (layer='auto'), or head=None for concepts without labels."
+        ) from None
 
 
 def _head_scores(head: Callable[[Tensor], Tensor], embeddings: Tensor, acts: Tensor) -> Tensor:

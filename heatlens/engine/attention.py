@@ -30,6 +30,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heatlens.engine.hooks import forward_hooks
+
 _WINDOWED = ("WindowAttention", "ShiftedWindowAttention", "SwinSelfAttention")
 
 
@@ -75,50 +77,39 @@ def attention_recorded(model: nn.Module) -> Iterator[list[Tensor]]:
     """Inside the block, every forward pass of ``model`` on this thread appends each attention
     module's probabilities ``(B, heads, N, N)`` to the yielded list, in the order they run.
     Hooks and settings are undone afterwards, also when the pass raises."""
-    owner = threading.get_ident()
     recorded: list[Tensor] = []
     with ExitStack() as stack:
         for _, module in attention_modules(model):
             if isinstance(module, nn.MultiheadAttention):
-                stack.enter_context(_multihead_recomputed(module, recorded, owner))
+                stack.enter_context(_multihead_recomputed(module, recorded))
             elif _is_timm(module):
-                stack.enter_context(_timm_eager(module, recorded, owner))
+                stack.enter_context(_timm_eager(module, recorded))
             else:
-                stack.enter_context(_hf_eager(module, recorded, owner))
+                stack.enter_context(_hf_eager(module, recorded))
         yield recorded
 
 
 @contextmanager
-def _timm_eager(module: nn.Module, recorded: list[Tensor], owner: int) -> Iterator[None]:
+def _timm_eager(module: nn.Module, recorded: list[Tensor]) -> Iterator[None]:
     def keep(_: nn.Module, args: Any, output: Tensor) -> None:
-        if threading.get_ident() == owner:
-            recorded.append(output)
+        recorded.append(output)
 
-    handle = module.attn_drop.register_forward_hook(keep)
-    try:
-        with _switched(module, "fused_attn", False):
-            yield
-    finally:
-        handle.remove()
+    with forward_hooks([(module.attn_drop, keep)]), _switched(module, "fused_attn", False):
+        yield
 
 
 @contextmanager
-def _multihead_recomputed(module: nn.MultiheadAttention, recorded: list[Tensor], owner: int
-                   ) -> Iterator[None]:
+def _multihead_recomputed(module: nn.MultiheadAttention, recorded: list[Tensor]
+                          ) -> Iterator[None]:
     def recompute(_: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if threading.get_ident() != owner:
-            return None
         attention, result = _multihead_eager(module, *args[:3], **kwargs)
         recorded.append(attention)
         asked = kwargs.get("need_weights", True)
         return result, (attention if kwargs.get("average_attn_weights") is False
                         else attention.mean(dim=1)) if asked else None
 
-    handle = module.register_forward_hook(recompute, with_kwargs=True)
-    try:
+    with forward_hooks([(module, recompute)], with_kwargs=True):
         yield
-    finally:
-        handle.remove()
 
 
 def _multihead_eager(module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -154,17 +145,13 @@ def _multihead_eager(module: nn.MultiheadAttention, query: Tensor, key: Tensor, 
 
 
 @contextmanager
-def _hf_eager(module: nn.Module, recorded: list[Tensor], owner: int) -> Iterator[None]:
+def _hf_eager(module: nn.Module, recorded: list[Tensor]) -> Iterator[None]:
     def keep(_: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() == owner:
-            recorded.append(output[1])
+        recorded.append(output[1])
 
-    handle = module.register_forward_hook(keep)
-    try:
-        with _switched(module.config, "_attn_implementation", "eager"):
-            yield
-    finally:
-        handle.remove()
+    with forward_hooks([(module, keep)]), _switched(module.config, "_attn_implementation",
+                                                     "eager"):
+        yield
 
 
 _SWITCH_LOCK = threading.Lock()

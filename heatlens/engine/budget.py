@@ -7,14 +7,14 @@ budget, by an estimate of what one more input costs in one pass of the model.
 from __future__ import annotations
 
 import sys
-import threading
 import weakref
 from math import prod
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from heatlens.engine.hooks import forward_hooks
 
 DEFAULT_BUDGET = 256 << 20
 """Memory budget of one call's perturbed batches, in bytes (256 MiB). Larger chunks gain
@@ -38,25 +38,19 @@ def sample_bytes(model: nn.Module, sample: Tensor, *, with_gradients: bool = Fal
     cached = _CACHE.setdefault(model, {})
     if key in cached:
         return cached[key]
-    owner = threading.get_ident()
     sizes: list[int] = []
-
     workspaces: list[int] = [0]
 
     def record(module: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() == owner and isinstance(output, Tensor):
+        if isinstance(output, Tensor):
             sizes.append(output.numel() * output.element_size())
             if isinstance(module, nn.modules.conv._ConvNd):  # the unfolded input (im2col)
                 per_position = module.in_channels // module.groups * prod(module.kernel_size)
                 workspaces.append(per_position * prod(output.shape[2:]) * output.element_size())
 
-    handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.inference_mode():
-            model(sample[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    leaves = [m for m in model.modules() if not list(m.children())]
+    with forward_hooks((m, record) for m in leaves), torch.inference_mode():
+        model(sample[:1])
     input_bytes = sample[:1].numel() * sample.element_size()
     largest = max(sizes, default=input_bytes)
     passes = (5 * sum(sizes)) // 2 if with_gradients else 5 * largest
@@ -65,21 +59,32 @@ def sample_bytes(model: nn.Module, sample: Tensor, *, with_gradients: bool = Fal
     return estimate
 
 
+def budget_bytes(memory_budget: Any) -> int:
+    """``memory_budget=`` of a method, checked: a positive whole number of bytes."""
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or (
+            memory_budget <= 0):
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes (an int, such as 256 << 20 for "
+            f"256 MiB), not {memory_budget!r}"
+        )
+    return memory_budget
+
+
 def items_per_chunk(model: nn.Module, sample: Tensor, budget: int, *,
                     with_gradients: bool = False, extra_per_item: int = 0) -> int:
     """How many perturbed inputs one chunk may hold within ``budget`` bytes (at least 1).
 
     ``extra_per_item`` counts what the method itself keeps per input (its mask, say)."""
-    if budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, not {budget}")
     per_item = sample_bytes(model, sample, with_gradients=with_gradients) + extra_per_item
     per_item += sample[:1].numel() * sample.element_size()  # the perturbed input itself
     return max(1, budget // per_item)
 
 
-def progress(total: int, description: str, *, show: bool | None = None) -> tqdm:
-    """A progress bar over ``total`` model passes: shown when ``show`` is True, or when it is
-    None, the work is long (100 passes or more) and standard error is a terminal."""
+def progress(total: int, description: str, *, show: bool | None = None) -> Any:
+    """A progress bar (``tqdm``) over ``total`` model passes: shown when ``show`` is True, or
+    when it is None, the work is long (100 passes or more) and standard error is a terminal."""
+    from tqdm.auto import tqdm
+
     if show is None:
         show = total >= 100 and sys.stderr.isatty()
     return tqdm(total=total, desc=description, disable=not show, leave=False, unit="input")

@@ -1,41 +1,25 @@
 """Record activations at chosen layers for exactly one forward pass.
 
-Hooks are registered, used and removed inside :func:`forward_with_capture`; nothing is left on the
-user's model afterwards, also when the forward pass raises (DESIGN promises 1 and 2). Gradients are
-taken with :func:`torch.autograd.grad` with respect to the captured activations, so no ``.grad``
+Hooks are registered, used and removed inside :func:`forward_with_capture` (through
+:func:`~heatlens.engine.hooks.forward_hooks`); nothing is left on the user's model afterwards,
+also when the forward pass raises (``docs/design.md``, promises 1 and 2). Gradients are taken
+with :func:`torch.autograd.grad` with respect to the captured activations, so no ``.grad``
 attribute of any parameter is touched (promise 1) and the call works inside ``torch.no_grad()``,
 ``torch.inference_mode()`` and with frozen parameters (promise 3).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-
-@contextmanager
-def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer of the model afterwards when any module is in training mode.
-
-    A forward pass in training mode updates batch-norm running statistics; explaining must not.
-    In eval mode nothing is copied.
-    """
-    if not any(m.training for m in model.modules()):
-        yield
-        return
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+from heatlens.engine.activations import FirstReads, Follower
+from heatlens.engine.hooks import forward_hooks
 
 
 @dataclass(frozen=True)
@@ -45,6 +29,9 @@ class Captured:
     output: Any
     activations: dict[str, Tensor]
     inputs: Tensor
+    followers: dict[str, str] = field(default_factory=dict)
+    """For each layer followed by a functional activation, which and where (``"a functional
+    ReLU in DenseNet.forward"``): its activation is that function's result."""
 
 
 def forward_with_capture(
@@ -54,6 +41,7 @@ def forward_with_capture(
     *,
     with_gradients: bool,
     input_gradients: bool = False,
+    follow_activations: bool = True,
 ) -> Captured:
     """Run ``model(inputs)`` once and keep the output tensor of every module in ``layers``.
 
@@ -64,46 +52,66 @@ def forward_with_capture(
     hands the next layer a clone of the activation, so an in-place operation further on
     (``out += identity`` or ``nn.ReLU(inplace=True)``) cannot change what was recorded.
 
+    With ``follow_activations=True`` (the default) a functional activation that the model applies
+    to a layer's output before anything else reads it (DenseNet's ``F.relu`` after
+    ``features.norm5``) is taken as part of the layer: its result is the activation, as that is
+    what the rest of the network reads (:mod:`heatlens.engine.activations`). Methods that need
+    the module's own output (FullGrad's bias gradients) pass ``False``.
+
     With ``input_gradients=True`` the input becomes a leaf that requires gradients and the whole
     pass is recorded (``Captured.inputs`` is that leaf), for methods that also need d score / d x.
 
     Call it outside inference mode (``torch.inference_mode(False)``) with a normal tensor.
-    Hooks fire only on the calling thread, so several threads may explain with one shared model at
-    the same time. A module called several times in one pass is recorded at its last call.
+    Hooks act only on the calling thread (:func:`~heatlens.engine.hooks.forward_hooks`), so
+    several threads may explain with one shared model at the same time. A module called several
+    times in one pass is recorded at its last call.
     """
-    owner = threading.get_ident()
     recorded: dict[str, Tensor] = {}
+    followers: dict[str, str] = {}
+    reads = FirstReads() if follow_activations else None
+
+    def follow(name: str) -> Follower:
+        def take(how: str, run: Callable[[], Any], passed: Tensor) -> Any:
+            result = run()
+            followers[name] = how
+            if result is not passed:  # out of place: keep the result, hand on a copy
+                recorded[name] = result
+                return result.clone()
+            recorded[name] = kept = result.clone()  # in place: the caller goes on with `passed`
+            if kept.requires_grad:
+                passed.copy_(kept)  # ... whose graph must now run through what was recorded
+            return passed
+
+        return take
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> Tensor | None:
-            if threading.get_ident() != owner:
-                return None
             if not isinstance(output, Tensor):
                 raise TypeError(
                     f"layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, "
                     "not a tensor; choose a layer whose output is a feature map "
                     "(see `heatlens layers` or heatlens.candidate_layers(model, inputs))"
                 )
-            if with_gradients:
-                torch.set_grad_enabled(True)  # undone when the surrounding no_grad() exits
-                if not output.requires_grad:
-                    output = output.detach().requires_grad_(True)
-            recorded[name] = output
-            return output.clone()
+            with reads.quiet() if reads is not None else nullcontext():
+                if with_gradients:
+                    torch.set_grad_enabled(True)  # undone when the surrounding no_grad() exits
+                    if not output.requires_grad:
+                        output = output.detach().requires_grad_(True)
+                recorded[name] = output
+                followers.pop(name, None)
+                passed = output.clone()
+            if reads is not None:
+                reads.watch(passed, follow(name))
+            return passed
 
         return hook
 
-    handles = []
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        if input_gradients:
-            inputs = inputs.detach().requires_grad_(True)
-        with torch.set_grad_enabled(input_gradients):
-            output = model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    if input_gradients:
+        inputs = inputs.detach().requires_grad_(True)
+    with forward_hooks((module, make_hook(name)) for name, module in layers.items()), \
+            reads if reads is not None else nullcontext(), \
+            torch.set_grad_enabled(input_gradients):
+        output = model(inputs)
 
     missing = [name for name in layers if name not in recorded]
     if missing:
@@ -112,7 +120,7 @@ def forward_with_capture(
             "A scripted (torch.jit) or compiled (torch.compile) model does not call Python hooks: "
             "pass the original eager nn.Module instead; otherwise pick a layer that forward() uses."
         )
-    return Captured(output=output, activations=recorded, inputs=inputs)
+    return Captured(output=output, activations=recorded, inputs=inputs, followers=followers)
 
 
 def gradients_of(
@@ -140,25 +148,28 @@ def gradients_of(
 
 
 @contextmanager
-def output_replaced(module: nn.Module, value: Tensor) -> Iterator[None]:
+def output_replaced(module: nn.Module, value: Tensor, *, followed: bool = False
+                    ) -> Iterator[None]:
     """For the calls made inside the block, ``module`` returns ``value`` instead of its output.
 
     Only calls on this thread whose output has ``value``'s shape after the batch dimension are
     replaced (a module called several times in one pass, such as a shared activation, is
-    replaced where its output is the layer being explained). The hook is removed afterwards.
+    replaced where its output is the layer being explained). With ``followed=True`` the layer's
+    activation is the result of the functional activation that follows it (see
+    :func:`forward_with_capture`): ``value`` replaces that result, and the activation, which
+    ``value`` has been through already, is not applied again.
     """
-    owner = threading.get_ident()
     feature_shape = value.shape[1:]
+    reads = FirstReads() if followed else None
 
     def hook(module: nn.Module, args: Any, output: Any) -> Tensor | None:
-        if threading.get_ident() == owner and isinstance(output, Tensor) and (
-            output.shape[1:] == feature_shape
-        ):
+        if not (isinstance(output, Tensor) and output.shape[1:] == feature_shape):
+            return None
+        if reads is None:
             return value
-        return None
+        passed = value.clone()  # an in-place activation must not touch `value`
+        reads.watch(passed, lambda how, run, watched: watched)
+        return passed
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hooks([(module, hook)]), reads if reads is not None else nullcontext():
         yield
-    finally:
-        handle.remove()

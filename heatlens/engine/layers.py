@@ -12,7 +12,7 @@ whole network. Chosen this way: torchvision ResNet ``layer4``, MobileNetV2 ``fea
 VGG-11 ``features.19``, EfficientNet-Lite0 ``_swish`` (after ``_conv_head``).
 
 Two families are recognised before probing: torchvision's segmentation models and detectors
-explain at the deepest stage their backbone returns (:func:`backbone_stage`), and transformers at
+explain in their backbone (:func:`~heatlens.engine.backbones.backbone_stage`), and transformers at
 the first normalisation of their last block (:func:`~heatlens.engine.tokens.transformer_layer`),
 whose tokens are laid out on the patch grid by :func:`~heatlens.engine.tokens.infer_layout`.
 """
@@ -20,9 +20,8 @@ whose tokens are laid out on the patch grid by :func:`~heatlens.engine.tokens.in
 from __future__ import annotations
 
 import difflib
-import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -30,7 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from heatlens.engine.capture import buffers_kept
+from heatlens.engine.activations import FirstReads
+from heatlens.engine.backbones import backbone_stage
+from heatlens.engine.entry import buffers_kept
+from heatlens.engine.hooks import forward_hooks
 from heatlens.engine.tokens import infer_layout, transformer_layer
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
@@ -70,6 +72,9 @@ class Candidate:
     module_type: str
     shape: tuple[int, ...]
     output_depends: bool
+    followed_by: str = ""
+    """The functional activation applied to the output before anything else reads it (``"a
+    functional ReLU in DenseNet.forward"``): methods explain its result."""
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -114,40 +119,39 @@ def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool
     Returns the candidates in the order they finished, and for each whether its input was the
     model's input tensor itself.
     """
-    owner = threading.get_ident()
     finished: list[tuple[str, nn.Module, Tensor, bool]] = []
+    followers: dict[int, str] = {}  # id of an output -> the functional activation after it
+    reads = FirstReads()
     with torch.inference_mode(False):
         x = sample.detach().clone().requires_grad_(True)
 
+    def note(how: str, run: Callable[[], Any], watched: Tensor) -> Any:
+        followers[id(watched)] = how
+        return run()
+
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if threading.get_ident() == owner and (
-                _is_spatial(output, x)
-                or (isinstance(output, Tensor) and infer_layout(model, output, x) is not None)
-            ):
-                takes_input = bool(args) and args[0] is x
-                finished.append((name, module, output, takes_input))
+            with reads.quiet():
+                if _is_spatial(output, x) or (
+                        isinstance(output, Tensor) and infer_layout(model, output, x) is not None):
+                    finished.append((name, module, output, bool(args) and args[0] is x))
+                    reads.watch(output, note)
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with buffers_kept(model), torch.inference_mode(False), torch.enable_grad():
+    hooks = [(m, make_hook(n)) for n, m in model.named_modules() if n]
+    with buffers_kept(model), torch.inference_mode(False), torch.enable_grad():
+        with forward_hooks(hooks), reads:
             total = _output_total(model(x))
-            acts = [act for _, _, act, _ in finished]
-            tracked = [i for i, act in enumerate(acts) if act.requires_grad]
-            depends = [False] * len(acts)
-            if tracked and total.requires_grad:
-                grads = torch.autograd.grad(
-                    total, [acts[i] for i in tracked], allow_unused=True
-                )
-                for i, grad in zip(tracked, grads, strict=True):
-                    depends[i] = grad is not None
-    finally:
-        for handle in handles:
-            handle.remove()
+        acts = [act for _, _, act, _ in finished]
+        tracked = [i for i, act in enumerate(acts) if act.requires_grad]
+        depends = [False] * len(acts)
+        if tracked and total.requires_grad:
+            grads = torch.autograd.grad(total, [acts[i] for i in tracked], allow_unused=True)
+            for i, grad in zip(tracked, grads, strict=True):
+                depends[i] = grad is not None
     candidates = [
-        Candidate(n, type(m).__name__, tuple(a.shape[1:]), d)
+        Candidate(n, type(m).__name__, tuple(a.shape[1:]), d, followers.get(id(a), ""))
         for (n, m, a, _), d in zip(finished, depends, strict=True)
     ]
     return candidates, [t for *_, t in finished]
@@ -176,34 +180,9 @@ def candidate_layers(model: nn.Module, inputs: Tensor) -> list[Candidate]:
     return [c for c in candidates if last[c.name] is c]
 
 
-def backbone_stage(model: nn.Module) -> tuple[str, str] | None:
-    """The deepest stage that a torchvision dense-prediction backbone returns, or ``None``.
-
-    torchvision's segmentation models (FCN, DeepLabV3, LR-ASPP) read their features through an
-    ``IntermediateLayerGetter`` at ``model.backbone``, its detectors (Faster / Mask / Keypoint
-    R-CNN, RetinaNet, FCOS) through one at ``model.backbone.body`` under the FPN. The deepest
-    returned stage (``layer4`` of a ResNet, ``16`` of MobileNetV3) is the last feature map that
-    the whole output depends on: the head after it maps features to K class scores (the role of
-    a classifier's linear layer, which is not explained either), and every FPN level is computed
-    from it, while a single FPN level only feeds the boxes assigned to that level.
-    """
-    backbone = getattr(model, "backbone", None)
-    for prefix, getter in (("backbone.body", getattr(backbone, "body", None)),
-                           ("backbone", backbone)):
-        returned = getattr(getter, "return_layers", None)
-        if isinstance(getter, nn.ModuleDict) and isinstance(returned, dict) and returned:
-            stage = [name for name in getter if name in returned][-1]
-            return f"{prefix}.{stage}", (
-                f"'{prefix}.{stage}' is the deepest stage that the backbone of this "
-                f"{type(model).__name__} returns (as {returned[stage]!r}); the task head reads "
-                "its features from there"
-            )
-    return None
-
-
 def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:
     """Choose the layer to explain (see the module docstring); returns (name, reason)."""
-    known = backbone_stage(model) or transformer_layer(model)
+    known = backbone_stage(model, inputs) or transformer_layer(model)
     if known is not None:
         return known
     candidates, takes_input = _probe(model, inputs[:1])
@@ -265,7 +244,15 @@ def resolve_layers(model: nn.Module, layer: LayerSpec | None, inputs: Tensor) ->
         if name not in dict(model.named_modules()):  # the model changed since the probe
             name, reason = per_model[key] = auto_layer(model, inputs)
         return LayerChoice((name,), (model.get_submodule(name),), f"auto: {reason}")
-    specs = [layer] if isinstance(layer, str | nn.Module) else list(layer)
+    if isinstance(layer, str | nn.Module):
+        specs = [layer]
+    elif isinstance(layer, Sequence):
+        specs = list(layer)
+    else:
+        raise TypeError(
+            f"layer must be 'auto', a module name, an nn.Module or a list of these, not "
+            f"{type(layer).__name__} ({layer!r}); list the names with `heatlens layers`"
+        )
     if not specs:
         raise ValueError("layer= is an empty list; pass at least one layer or 'auto'")
     names, modules = [], []

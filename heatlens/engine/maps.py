@@ -1,7 +1,9 @@
-"""Visible, explicit steps from a raw map to a picture: ReLU, upsampling, min-max scaling, fusion.
+"""Map math: channel weighting, and the visible steps from a raw map to a picture (ReLU,
+upsampling, min-max scaling, fusion).
 
 All functions work on a whole batch ``(B, *spatial)`` with any number of spatial dimensions, in
-torch, on the maps' device (DESIGN promises 5 to 7).
+torch, on the maps' device (``docs/design.md``, promises 5 to 7). :func:`per_channel` and
+:func:`safe_divide` are the two steps every channel-weighted CAM shares.
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ def spatial_dims(t: Tensor, first: int = 2) -> tuple[int, ...]:
     return tuple(range(first, t.ndim))
 
 
+def per_channel(weights: Tensor, activations: Tensor) -> Tensor:
+    """``sum_k w_k A^k``: channel weights ``(B, C)`` applied to activations ``(B, C, *spatial)``."""
+    return (weights.reshape(*weights.shape, *[1] * (activations.ndim - 2)) * activations).sum(1)
+
+
+def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` where the denominator is non-zero, else 0."""
+    nonzero = denominator != 0
+    return numerator * nonzero / denominator.where(nonzero, 1.0)
+
+
 def upsample(maps: Tensor, size: Sequence[int], *, align_corners: bool = False) -> Tensor:
     """Resize ``(B, *spatial)`` maps to ``size`` with one (bi/tri)linear ``interpolate`` call
     (by default ``align_corners=False``: pixel centres aligned)."""
@@ -32,12 +45,28 @@ def upsample(maps: Tensor, size: Sequence[int], *, align_corners: bool = False) 
                          align_corners=align_corners)[:, 0]
 
 
+CONSTANT = 1e-5
+"""A map whose values span at most this fraction of its largest magnitude is constant: the
+differences are float rounding (a 1 x 1 map upsampled bilinearly), not a place."""
+
+
+def constant_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """``(B,)`` bool: which of the ``(B, *spatial)`` maps hold one value, up to :data:`CONSTANT`
+    of their largest magnitude (or ``eps``)."""
+    flat = maps.reshape(maps.shape[0], -1).float()
+    span = flat.amax(dim=1) - flat.amin(dim=1)
+    return span <= (CONSTANT * flat.abs().amax(dim=1)).clamp_min(eps)
+
+
 def minmax(maps: Tensor, eps: float = 1e-12) -> Tensor:
-    """Scale each map to [0, 1]: ``(m - min m) / (max m - min m)``; a constant map becomes zeros."""
+    """Scale each map to [0, 1]: ``(m - min m) / (max m - min m)``; a constant map (see
+    :func:`constant_maps`) becomes zeros, never rounding noise stretched to [0, 1]."""
     flat = maps.reshape(maps.shape[0], -1).float()
     low = flat.amin(dim=1, keepdim=True)
     span = flat.amax(dim=1, keepdim=True) - low
-    scaled = torch.where(span > eps, (flat - low) / span.clamp_min(eps), torch.zeros_like(flat))
+    flat_constant = constant_maps(maps, eps)[:, None]
+    scaled = torch.where(flat_constant, torch.zeros_like(flat),
+                         (flat - low) / span.clamp_min(eps))
     return scaled.reshape(maps.shape)
 
 

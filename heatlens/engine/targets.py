@@ -4,8 +4,10 @@ A target turns the model output into one score per image, ``(B,)``. ``target=`` 
 :func:`heatlens.explain` accepts:
 
 * ``None``: the arg-max class of each image; only for a ``(B, num_classes)`` score tensor.
-* an ``int``: that class for every image (broadcast on purpose).
-* a sequence or 1-D tensor of ``B`` ints: one class per image.
+* an ``int`` (or a NumPy integer, or a 0-d tensor): that class for every image (broadcast on
+  purpose).
+* a sequence, array or 1-D tensor of ``B`` ints: one class per image.
+* a class name, or one per image, looked up in the labels given with ``labels=``.
 * a callable ``output -> (B,) scores``.
 * a :class:`Target` object: :class:`ClassLogit`, :class:`ClassProbability`,
   :class:`BinaryOutput`, :class:`RegressionOutput`.
@@ -15,10 +17,12 @@ A length mismatch or an out-of-range class is a ``ValueError`` naming both numbe
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,17 +30,30 @@ NO_CLASS = -1
 """``Explanation.targets`` where a target has no class index (callables, regression)."""
 
 
+_SCORE_KEYS = ("logits", "out")
+"""Dict keys taken as the scores without asking: Hugging Face's and torchvision's."""
+
+
 def primary_output(output: Any) -> Tensor:
-    """The tensor to take scores from: the output itself, ``output["out"]`` of a dict (torchvision
-    segmentation), the first tensor of a dict, or the first element of a tuple or list."""
+    """The tensor to take scores from: the output itself; of a dict (or Hugging Face output),
+    the entry ``"logits"`` or ``"out"`` (torchvision segmentation), or its only tensor; the first
+    element of a tuple or list. A dict with several other tensors is ambiguous: the error asks
+    for ``output=`` (see :func:`heatlens.engine.entry.output_selected`)."""
     if isinstance(output, Tensor):
         return output
     if isinstance(output, Mapping):
-        if isinstance(output.get("out"), Tensor):
-            return output["out"]
-        for value in output.values():
-            if isinstance(value, Tensor):
-                return value
+        for key in _SCORE_KEYS:
+            if isinstance(output.get(key), Tensor):
+                return output[key]
+        tensors = [key for key, value in output.items() if isinstance(value, Tensor)]
+        if len(tensors) == 1:
+            return output[tensors[0]]
+        if tensors:
+            raise ValueError(
+                f"the model returns a dict with the tensors {', '.join(map(repr, tensors))}: "
+                f"which one holds the scores to explain? Say so with output= (for example "
+                f"heatlens.explain(..., output={tensors[-1]!r}))"
+            )
     if isinstance(output, Sequence) and output and isinstance(output[0], Tensor):
         return output[0]
     if hasattr(output, "logits") and isinstance(output.logits, Tensor):  # Hugging Face outputs
@@ -59,14 +76,20 @@ class Target(ABC):
         """``(B,)`` differentiable scores for ``classes`` (from :meth:`classes`)."""
 
 
-def class_indices(index: int | Sequence[int] | Tensor | None, output: Tensor) -> Tensor:
+ClassIndex = int | np.integer
+ClassIndices = ClassIndex | Sequence[ClassIndex] | Tensor | np.ndarray
+
+
+def class_indices(index: ClassIndices | None, output: Tensor) -> Tensor:
+    """``(B,)`` long class indices for a ``(B, num_classes)`` output: the arg-max for ``None``,
+    one class for every image (an int, a NumPy integer, a 0-d tensor), or one per image."""
     batch = output.shape[0]
     if output.ndim != 2:
         if index is None:
             raise ValueError(
                 f"target=None means the arg-max class, which needs a (B, num_classes) output; "
                 f"this model returns shape {tuple(output.shape)}. Pass a target: a callable "
-                "mapping the output to B scores, or a target object from heatlens.engine.targets"
+                "mapping the output to B scores, or a target object from heatlens.targets"
             )
         raise ValueError(
             f"a class index target needs a (B, num_classes) output; this model returns shape "
@@ -74,16 +97,25 @@ def class_indices(index: int | Sequence[int] | Tensor | None, output: Tensor) ->
         )
     num_classes = output.shape[1]
     if index is None:
+        broken = (~torch.isfinite(output.detach())).any(dim=1).nonzero().flatten().tolist()
+        if broken:
+            raise ValueError(
+                f"the model's scores for image {broken[0]} are NaN or infinite, so no class can "
+                "be chosen as the prediction; check the model and its inputs"
+            )
         return output.argmax(dim=1)
-    if isinstance(index, bool):
+    if isinstance(index, bool | np.bool_):
         raise TypeError("target must be a class index (int), not a bool")
-    if isinstance(index, int):
-        indices = torch.full((batch,), index, dtype=torch.long, device=output.device)
+    if isinstance(index, int | np.integer):
+        indices = torch.full((batch,), int(index), dtype=torch.long, device=output.device)
     else:
-        indices = torch.as_tensor(index, device=output.device)
+        indices = torch.as_tensor(np.asarray(index) if isinstance(index, np.ndarray) else index,
+                                  device=output.device)
         if indices.is_floating_point() or indices.dtype == torch.bool:
             raise TypeError(f"target classes must be integers, got dtype {indices.dtype}")
         indices = indices.long().reshape(-1)
+        if indices.numel() == 1:  # a 0-d tensor or a single item: one class for all
+            indices = indices.expand(batch)
         if indices.numel() != batch:
             raise ValueError(
                 f"got {indices.numel()} targets for a batch of {batch} images; pass one target "
@@ -101,7 +133,7 @@ def class_indices(index: int | Sequence[int] | Tensor | None, output: Tensor) ->
 class ClassLogit(Target):
     """The pre-softmax score ``y_c`` of class ``c`` (Grad-CAM's choice, Selvaraju et al. 2017)."""
 
-    def __init__(self, index: int | Sequence[int] | Tensor | None = None) -> None:
+    def __init__(self, index: ClassIndices | None = None) -> None:
         self.index = index
 
     def classes(self, output: Any, batch: int) -> Tensor:
@@ -200,18 +232,45 @@ class Untargeted(Target):
         return torch.full((classes.shape[0],), float("nan"))
 
 
-TargetSpec = Target | int | Sequence[int] | Tensor | Callable[[Any], Tensor] | None
+TargetSpec = (Target | ClassIndices | str | Sequence[str] | Callable[[Any], Tensor] | None)
 
 
-def as_target(target: TargetSpec) -> Target:
-    """Normalise any accepted ``target=`` value to a :class:`Target`."""
+def as_target(target: TargetSpec, labels: Sequence[str] | None = None) -> Target:
+    """Normalise any accepted ``target=`` value to a :class:`Target`. A class name (or one per
+    image) is looked up in ``labels``."""
     if isinstance(target, Target):
         return target
-    if target is None or isinstance(target, int | Sequence | Tensor):
+    if isinstance(target, str) or (isinstance(target, Sequence) and target
+                                   and all(isinstance(t, str) for t in target)):
+        return ClassLogit(class_of_names(target, labels))
+    if target is None or isinstance(target, int | np.integer | Sequence | Tensor | np.ndarray):
         return ClassLogit(target)
     if callable(target):
         return CallableTarget(target)
     raise TypeError(
-        f"target must be None, an int, a sequence of ints, a tensor, a callable or a "
-        f"heatlens target object, not {type(target).__name__}"
+        f"target must be None, an int, a sequence of ints, a tensor, a class name, a callable or "
+        f"a heatlens target object, not {type(target).__name__}"
     )
+
+
+def class_of_names(names: str | Sequence[str], labels: Sequence[str] | None) -> int | list[int]:
+    """The class index of a label name (or of each of several), case and spaces ignored."""
+    if labels is None:
+        raise ValueError(
+            f"target={names!r} names a class, but no class names are known here: pass "
+            "labels= (for example heatlens.load_model().labels), or the class index"
+        )
+    index = {_plain(label): i for i, label in reversed(list(enumerate(labels)))}
+
+    def one(name: str) -> int:
+        if _plain(name) in index:
+            return index[_plain(name)]
+        close = difflib.get_close_matches(name, list(labels), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"no class is named {name!r} among the {len(labels)} labels.{hint}")
+
+    return one(names) if isinstance(names, str) else [one(name) for name in names]
+
+
+def _plain(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())

@@ -167,3 +167,21 @@ def _is_attention(module: nn.Module) -> bool:
         type(module).__name__.endswith("Attention") and any(
             isinstance(child, nn.Linear) for child in module.children())
     )
+
+
+def layer_layout(model: nn.Module, name: str, output: Tensor, x: Tensor) -> TokenLayout | None:
+    """The token layout of a transformer layer's output (``None`` for a feature map
+    ``(B, C, *spatial)``); a ``ValueError`` for an output that is neither."""
+    layout = infer_layout(model, output, x)
+    if layout is None and output.ndim < 3:
+        raise ValueError(
+            f"layer {name!r} outputs shape {tuple(output.shape)}, not a feature map "
+            "(B, C, *spatial) nor the tokens of a patch grid; choose an earlier layer (see "
+            "`heatlens layers`)"
+        )
+    return layout
+
+
+def as_map(layout: TokenLayout | None, output: Tensor | None) -> Tensor | None:
+    """``output`` as ``(B, C, *spatial)``: a transformer layer's tokens rearranged."""
+    return output if layout is None or output is None else layout.to_map(output)

@@ -71,7 +71,13 @@ def load_labels(path: PathLike) -> list[str]:
             a list of strings or an object with the indices ``0..n-1``.
     """
     source = _existing_file(path, "labels file")
-    text = source.read_text(encoding="utf-8")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"the labels file {source} is not UTF-8 text (byte {exc.start} cannot be read); "
+            "write one class name per line, or a JSON list"
+        ) from None
     if source.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
         return _json_labels(text, source)
     lines = [line.strip() for line in text.rstrip().splitlines()]

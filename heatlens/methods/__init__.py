@@ -1,64 +1,27 @@
-"""Explanation methods, one module per family, reachable by name through the registry."""
+"""Explanation methods, one module per family, reachable by name through the registry.
 
-from heatlens.methods.ablation import AblationCAM
-from heatlens.methods.base import CAMExplainer, Explainer
-from heatlens.methods.cam import (
-    CAM,
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    XGradCAM,
+Importing this package imports no method: :func:`method_class` and :func:`create_explainer`
+import a method's module when it is first asked for (see :mod:`heatlens.methods.registry`).
+"""
+
+from heatlens.methods.registry import (
+    canonical_name,
+    catalog,
+    create_explainer,
+    list_methods,
+    method_class,
+    method_info,
+    method_options,
+    register,
 )
-from heatlens.methods.fullgrad import FullGrad
-from heatlens.methods.gradients import (
-    Deconvnet,
-    GuidedBackprop,
-    GuidedGradCAM,
-    InputXGradient,
-    IntegratedGradients,
-    Saliency,
-)
-from heatlens.methods.perturbation import RISE, Occlusion
-from heatlens.methods.registry import create_explainer, list_methods, method_class, register
-from heatlens.methods.rollout import AttentionRollout, Chefer, GradientRollout
-from heatlens.methods.score import ISCAM, SSCAM, ScoreCAM
-from heatlens.methods.smooth import SmoothGradCAMPlusPlus
 
 __all__ = [
-    "CAM",
-    "ISCAM",
-    "RISE",
-    "SSCAM",
-    "AblationCAM",
-    "AttentionRollout",
-    "CAMExplainer",
-    "Chefer",
-    "Deconvnet",
-    "EigenCAM",
-    "EigenGradCAM",
-    "Explainer",
-    "FullGrad",
-    "GradCAM",
-    "GradCAMElementWise",
-    "GradCAMPlusPlus",
-    "GradientRollout",
-    "GuidedBackprop",
-    "GuidedGradCAM",
-    "HiResCAM",
-    "InputXGradient",
-    "IntegratedGradients",
-    "LayerCAM",
-    "Occlusion",
-    "Saliency",
-    "ScoreCAM",
-    "SmoothGradCAMPlusPlus",
-    "XGradCAM",
+    "canonical_name",
+    "catalog",
     "create_explainer",
     "list_methods",
     "method_class",
+    "method_info",
+    "method_options",
     "register",
 ]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 
-from heatlens.engine.budget import DEFAULT_BUDGET, progress
+from heatlens.engine.budget import DEFAULT_BUDGET, budget_bytes, progress
 from heatlens.engine.capture import output_replaced
 from heatlens.engine.layers import LayerSpec
+from heatlens.engine.maps import per_channel, safe_divide
+from heatlens.engine.notices import warn
 from heatlens.methods.base import CAMExplainer, LayerCall
-from heatlens.methods.cam import per_channel, safe_divide
 from heatlens.methods.registry import register
 
 
@@ -42,17 +41,13 @@ class AblationCAM(CAMExplainer):
     """
 
     name = "ablationcam"
-    aliases = ("ablation-cam",)
     needs_gradients = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
                  memory_budget: int = DEFAULT_BUDGET, show_progress: bool | None = None,
                  relu: bool = True, fusion: str | None = None) -> None:
         super().__init__(model, layer, relu=relu, fusion=fusion)
-        if memory_budget <= 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, not "
-                             f"{memory_budget}")
-        self.memory_budget = memory_budget
+        self.memory_budget = budget_bytes(memory_budget)
         self.show_progress = show_progress
 
     def layer_map(self, call: LayerCall) -> Tensor:
@@ -77,7 +72,7 @@ class AblationCAM(CAMExplainer):
                         scores = self._cut_scores(call, image, cls, clean, copies, call.scores[b])
                         cut = scores is not None
                     if not cut:
-                        with output_replaced(call.module, copies):
+                        with output_replaced(call.module, copies, followed=bool(call.follower)):
                             out = self.model(image.expand(len(span), *image.shape[1:]))
                         scores = call.target.score(out, cls.expand(len(span))).float()
                     ablated[b, start : span.stop] = scores
@@ -94,7 +89,7 @@ class AblationCAM(CAMExplainer):
         stack = torch.cat([clean, copies])
         problem = ""
         try:
-            with output_replaced(call.module, stack):
+            with output_replaced(call.module, stack, followed=bool(call.follower)):
                 out = self.model(image)
             scores = call.target.score(out, cls.expand(stack.shape[0])).float()
         except (RuntimeError, ValueError, IndexError) as error:
@@ -103,10 +98,9 @@ class AblationCAM(CAMExplainer):
             if not torch.allclose(scores[0], expected.float(), rtol=1e-4, atol=1e-5):
                 problem = "the un-ablated copy did not reproduce the score"
         if problem:
-            warnings.warn(
+            warn(
                 f"Ablation-CAM cannot evaluate only the layers after {call.name!r} in this model "
-                f"({problem}); falling back to full forward passes, which is slower.",
-                stacklevel=4,
+                f"({problem}); falling back to full forward passes, which is slower."
             )
             return None
         return scores[1:]

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from heatlens.engine.budget import DEFAULT_BUDGET, items_per_chunk, progress
+from heatlens.engine.budget import DEFAULT_BUDGET, budget_bytes, items_per_chunk, progress
 from heatlens.engine.layers import LayerSpec
-from heatlens.engine.targets import Target, TargetSpec, as_target
+from heatlens.engine.targets import Target
 from heatlens.explanation import Explanation
 from heatlens.methods.base import Explainer, build_explanation
 
@@ -60,19 +60,16 @@ class AttributionExplainer(Explainer):
         super().__init__(model)
         if not self.uses_layer and not (isinstance(layer, str) and layer == "auto"):
             raise ValueError(f"{self.name} attributes to the input: layer= does not apply")
-        if memory_budget <= 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, not "
-                             f"{memory_budget}")
         self.layer = layer
-        self.memory_budget = memory_budget
+        self.memory_budget = budget_bytes(memory_budget)
         self.show_progress = show_progress
 
     @abstractmethod
     def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
         """``(B, C, *spatial)`` attributions of ``classes`` and a dict of extra results."""
 
-    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
-        goal = as_target(target)
+    def _explain(self, x: Tensor, target: Target) -> Explanation:
+        goal = target
         with torch.no_grad():
             output = self.model(x)
             classes = goal.classes(output, x.shape[0]).to(x.device)

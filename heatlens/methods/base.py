@@ -1,65 +1,34 @@
-"""The engine shared by all methods: input checks, layer resolution, capture, targets, maps."""
+"""What every method is: an :class:`Explainer` bound to a model, and the CAM engine
+(:class:`CAMExplainer`) that the class activation maps share: resolve the layers, capture one
+forward pass, take the target's scores and gradients, turn each layer into a map, scale it."""
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from heatlens.engine.capture import buffers_kept, forward_with_capture, gradients_of
+from heatlens.engine.capture import forward_with_capture, gradients_of
+from heatlens.engine.entry import OutputKey, entered, model_to_explain
 from heatlens.engine.layers import LayerSpec, resolve_layers
-from heatlens.engine.maps import FUSIONS, minmax, upsample
+from heatlens.engine.maps import FUSIONS, constant_maps, minmax, upsample
+from heatlens.engine.notices import warn
 from heatlens.engine.targets import (
     NO_CLASS,
     BinaryOutput,
+    ClassLogit,
     Target,
     TargetSpec,
     Untargeted,
     as_target,
     primary_output,
 )
-from heatlens.engine.tokens import TokenLayout, infer_layout
+from heatlens.engine.tokens import TokenLayout, as_map, layer_layout
 from heatlens.explanation import Explanation
-
-
-def as_batch(inputs: Tensor, model: nn.Module) -> Tensor:
-    """Check ``inputs`` and return it as a batch ``(B, C, *spatial)``.
-
-    A single input ``(C, *spatial)`` gains a batch dimension; which case applies is read from the
-    model's first convolution (its number of spatial dimensions), else a 3-D tensor is one image.
-    """
-    if not isinstance(inputs, Tensor):
-        raise TypeError(
-            f"inputs must be a torch.Tensor (B, C, *spatial), not {type(inputs).__name__}; "
-            "load and preprocess images with heatlens.load_image and heatlens.IMAGENET"
-        )
-    if not inputs.is_floating_point():
-        raise TypeError(
-            f"inputs must be a preprocessed float tensor, got dtype {inputs.dtype}; "
-            "preprocess images with heatlens.IMAGENET (or your model's own transforms)"
-        )
-    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    batched_ndim = len(conv.kernel_size) + 2 if conv is not None else 4
-    if inputs.ndim == batched_ndim - 1:
-        return inputs.unsqueeze(0)
-    if inputs.ndim != batched_ndim and conv is not None:
-        raise ValueError(
-            f"inputs have shape {tuple(inputs.shape)}, but the model's first convolution "
-            f"({type(conv).__name__}) takes (B, C, {', '.join(['...'] * (batched_ndim - 2))}) "
-            f"batches of {batched_ndim} dimensions"
-        )
-    if inputs.ndim < 3:
-        raise ValueError(
-            f"inputs have shape {tuple(inputs.shape)}; expected (B, C, *spatial) with at least "
-            "one spatial dimension"
-        )
-    if inputs.shape[0] == 0:
-        raise ValueError("inputs hold an empty batch (B = 0)")
-    return inputs
 
 
 def target_probabilities(output: Any, target: Target, classes: Tensor) -> Tensor | None:
@@ -67,7 +36,7 @@ def target_probabilities(output: Any, target: Target, classes: Tensor) -> Tensor
     output; ``None`` where a probability has no meaning."""
     try:
         scores = primary_output(output).detach()
-    except TypeError:
+    except (TypeError, ValueError):
         return None
     if isinstance(target, BinaryOutput):
         return torch.sigmoid(target.score(scores, classes)).float()
@@ -94,6 +63,11 @@ class LayerCall:
     """How the layer's own output holds the grid (``None``: it is a feature map)."""
     output: Tensor | None = None
     """The layer's own output, as the model passes it on."""
+    follower: str = ""
+    """The functional activation whose result is the activation (see
+    :mod:`heatlens.engine.activations`), or ``""``."""
+    prediction: Any = None
+    """The model's output for the batch."""
 
 
 class Explainer(ABC):
@@ -107,29 +81,24 @@ class Explainer(ABC):
     aliases: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-        if isinstance(model, torch.jit.ScriptModule):
-            raise TypeError(
-                "this model is scripted (torch.jit): scripted modules do not run the Python hooks "
-                "that capture activations. Explain the eager nn.Module you scripted it from."
-            )
-        # torch.compile wraps the module: explain the module it wraps (same weights, same math).
-        self.model: nn.Module = getattr(model, "_orig_mod", model)
+        self.model: nn.Module = model_to_explain(model)
 
-    def __call__(self, inputs: Tensor, target: TargetSpec = None) -> Explanation:
+    def __call__(self, inputs: Tensor, target: TargetSpec = None, *,
+                 labels: Sequence[str] | None = None, output: OutputKey | None = None
+                 ) -> Explanation:
         """Explain ``inputs`` ``(B, C, *spatial)`` for ``target`` (see
-        :mod:`heatlens.engine.targets`).
+        :mod:`heatlens.engine.targets`; a class name is looked up in ``labels``). ``output``
+        names the entry of a dict or tuple output that holds the scores.
 
-        The model's buffers are restored afterwards when it is in training mode (batch-norm
-        statistics do not move), and the call works from inside ``torch.inference_mode()``."""
-        x = as_batch(inputs, self.model)
-        warn_if_training(self.model)
-        with buffers_kept(self.model), torch.inference_mode(False):
-            return self._explain(x.clone() if x.is_inference() else x, target)
+        Inputs are checked before any work, the model's buffers are restored afterwards when it
+        is in training mode (batch-norm statistics do not move), and the call works from inside
+        ``torch.inference_mode()`` (:func:`heatlens.engine.entry.entered`)."""
+        goal = target if isinstance(target, Target) else as_target(target, labels)
+        with entered(self.model, inputs, output=output) as x:
+            return self._explain(x, goal)
 
     @abstractmethod
-    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
+    def _explain(self, x: Tensor, target: Target) -> Explanation:
         """The method's work on a checked batch, outside inference mode."""
 
     def __enter__(self) -> Explainer:
@@ -140,15 +109,6 @@ class Explainer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={type(self.model).__name__})"
-
-
-def warn_if_training(model: nn.Module) -> None:
-    if model.training:
-        warnings.warn(
-            "the model is in training mode (dropout and batch-norm statistics change the "
-            "prediction); call model.eval() before explaining. heatlens leaves the mode as it is.",
-            stacklevel=3,
-        )
 
 
 class CAMExplainer(Explainer):
@@ -189,31 +149,35 @@ class CAMExplainer(Explainer):
 
     def postprocess(self, raw: dict[str, Tensor], x: Tensor) -> Tensor:
         """Raw maps by layer to ``maps`` in [0, 1] at the input's size: ReLU (unless
-        ``relu=False``), upsampling, min-max scaling, and the fusion of several layers."""
+        ``relu=False``), upsampling, min-max scaling, and the fusion of several layers. A map
+        that is constant at its layer stays constant (zeros), with a warning."""
+        shown = {name: m.clamp_min(0) if self.relu else m for name, m in raw.items()}
+        for name, m in shown.items():
+            warn_if_constant(m, name)
         size = x.shape[2:]
-        shown = [upsample(m.clamp_min(0) if self.relu else m, size) for m in raw.values()]
-        return minmax(shown[0]) if len(shown) == 1 else FUSIONS[self.fusion](shown)
+        scaled = [upsample(m, size) for m in shown.values()]
+        return minmax(scaled[0]) if len(scaled) == 1 else FUSIONS[self.fusion](scaled)
 
     def layer_map(self, call: LayerCall) -> Tensor:
         """The signed map of one layer. Methods that need more than the activations and
         gradients (the model, the inputs, the target) override this instead of :meth:`cam`."""
         return self.cam(call.activations, call.gradients, call.classes)
 
-    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
+    def _explain(self, x: Tensor, target: Target) -> Explanation:
         choice = resolve_layers(self.model, self.layer, x)
-        goal = as_target(target)
         captured = forward_with_capture(
             self.model, x, choice.as_dict(), with_gradients=self.needs_gradients
         )
+        goal = target
         try:
             classes = goal.classes(captured.output, x.shape[0]).to(x.device)
         except (ValueError, TypeError):
-            if target is not None or self.needs_target:
+            if not isinstance(goal, ClassLogit) or goal.index is not None or self.needs_target:
                 raise
             goal = Untargeted()  # e.g. Eigen-CAM on a detector: the map needs no class
             classes = goal.classes(captured.output, x.shape[0]).to(x.device)
         acts = [captured.activations[name] for name in choice.names]
-        layouts = [feature_layout(self.model, name, act, x)
+        layouts = [layer_layout(self.model, name, act, x)
                    for name, act in zip(choice.names, acts, strict=True)]
         with torch.set_grad_enabled(self.needs_gradients):
             scores = goal.score(captured.output, classes)
@@ -224,36 +188,49 @@ class CAMExplainer(Explainer):
             )
         calls = [
             LayerCall(self.model, x, goal, classes, scores.detach(), name, module,
-                      as_map(layout, act.detach()), as_map(layout, grad), layout, act.detach())
+                      as_map(layout, act.detach()), as_map(layout, grad), layout, act.detach(),
+                      captured.followers.get(name, ""), captured.output)
             for name, module, act, grad, layout in zip(choice.names, choice.modules, acts, grads,
                                                        layouts, strict=True)
         ]
         with torch.no_grad():
             raw = {call.name: self.layer_map(call).float() for call in calls}
             maps = self.postprocess(raw, x)
+        details: dict[str, Any] = {}
         tokens = {call.name: call.layout.describe(tuple(call.output.shape))
                   for call in calls if call.layout is not None}
+        if tokens:
+            details["token_layout"] = tokens
+        if captured.followers:
+            details["followed_by"] = dict(captured.followers)
         return build_explanation(self.name, maps, raw, captured.output, goal, classes, scores,
-                                 choice.names, choice.reason,
-                                 {"token_layout": tokens} if tokens else None)
+                                 choice.names, with_followers(choice.reason, captured.followers),
+                                 details)
 
 
-def feature_layout(model: nn.Module, name: str, output: Tensor, x: Tensor) -> TokenLayout | None:
-    """The token layout of a transformer layer's output (``None`` for a feature map
-    ``(B, C, *spatial)``); a ``ValueError`` for an output that is neither."""
-    layout = infer_layout(model, output, x)
-    if layout is None and output.ndim < 3:
-        raise ValueError(
-            f"layer {name!r} outputs shape {tuple(output.shape)}, not a feature map "
-            "(B, C, *spatial) nor the tokens of a patch grid; choose an earlier layer (see "
-            "`heatlens layers`)"
-        )
-    return layout
+def with_followers(reason: str, followers: dict[str, str]) -> str:
+    """``reason`` for the layer choice, and which layers are taken after the functional
+    activation that follows them."""
+    notes = [f"'{name}' is followed by {how}, so its activation is that function's result, "
+             "what the rest of the network reads" for name, how in followers.items()]
+    return "; ".join([reason, *notes])
 
 
-def as_map(layout: TokenLayout | None, output: Tensor | None) -> Tensor | None:
-    """``output`` as ``(B, C, *spatial)``: a transformer layer's tokens rearranged."""
-    return output if layout is None or output is None else layout.to_map(output)
+def warn_if_constant(maps: Tensor, layer: str) -> None:
+    """Warn when some of the ``(B, *spatial)`` maps of ``layer`` hold one value: they show no
+    place and are drawn as zeros (all zero after the ReLU: no positive evidence there)."""
+    constant = constant_maps(maps)
+    zero = constant & (maps.flatten(1).abs().amax(dim=1) == 0)
+    grid = " x ".join(str(s) for s in maps.shape[1:])
+    for which, what in ((zero, "is zero everywhere: no position of the layer raises the "
+                                "target's score (no positive evidence there)"),
+                        (constant & ~zero, f"holds one value at all its {grid} positions: it "
+                                           "shows no place, so it is drawn as zeros")):
+        images = which.nonzero().flatten().tolist()
+        if images:
+            warn(f"the map of image{'s' if len(images) > 1 else ''} "
+                 f"{', '.join(map(str, images))} at layer {layer!r} {what}. Explain a layer "
+                 "with a spatial feature map (layer='auto'), or another class")
 
 
 def build_explanation(method: str, maps: Tensor, raw: dict[str, Tensor], output: Any,

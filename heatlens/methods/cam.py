@@ -9,21 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from heatlens.engine.layers import LayerSpec
-from heatlens.engine.maps import spatial_dims
-from heatlens.methods.base import CAMExplainer
+from heatlens.engine.heads import find_head, only_linear
+from heatlens.engine.layers import LayerSpec, module_by_name
+from heatlens.engine.maps import per_channel, safe_divide, spatial_dims
+from heatlens.methods.base import CAMExplainer, LayerCall
 from heatlens.methods.registry import register
-
-
-def per_channel(weights: Tensor, activations: Tensor) -> Tensor:
-    """``sum_k w_k A^k``: channel weights ``(B, C)`` applied to activations ``(B, C, *spatial)``."""
-    return (weights.reshape(*weights.shape, *[1] * (activations.ndim - 2)) * activations).sum(1)
-
-
-def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """``numerator / denominator`` where the denominator is non-zero, else 0."""
-    nonzero = denominator != 0
-    return numerator * nonzero / denominator.where(nonzero, 1.0)
 
 
 @register
@@ -31,9 +21,11 @@ class CAM(CAMExplainer):
     """CAM (Zhou et al., CVPR 2016, Eq. 2): ``M_c = sum_k w^c_k A^k`` with ``w^c`` the row of the
     final linear layer for class ``c``.
 
-    Exact only for a head of global average pooling followed by one linear layer; ``fc`` names it
-    (default: the model's last ``nn.Linear``). Needs no gradient. On such a model Grad-CAM equals
-    CAM up to a positive factor.
+    Exact only for a head of global average pooling followed by one linear layer. By default the
+    head is found and proved at each call (:func:`heatlens.engine.heads.find_head`: it must
+    reproduce the model's output from the pooled activations of the layer explained); ``fc``
+    names its linear layer instead. Needs no gradient. On such a model Grad-CAM equals CAM up to
+    the factor ``1 / (number of positions)`` (Selvaraju et al., ICCV 2017, Sec. 3.1).
     """
 
     name = "cam"
@@ -44,31 +36,51 @@ class CAM(CAMExplainer):
                  fusion: str | None = None) -> None:
         super().__init__(model, layer, relu=relu, fusion=fusion)
         if isinstance(fc, str):
-            fc = model.get_submodule(fc)
-        if fc is None:
-            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-            fc = linears[-1] if linears else None
-        if not isinstance(fc, nn.Linear):
+            fc = module_by_name(self.model, fc)
+        if fc is not None and not isinstance(fc, nn.Linear):
+            raise TypeError(f"fc must name an nn.Linear layer, not a {type(fc).__name__}")
+        if fc is None and not any(isinstance(m, nn.Linear) for m in self.model.modules()):
             raise ValueError(
                 "CAM needs a head of global average pooling followed by one nn.Linear layer, and "
-                "this model has no nn.Linear (pass fc= to name it). Grad-CAM works on any model "
-                "and equals CAM on those that have such a head: use method='gradcam'."
+                "this model has no nn.Linear. Grad-CAM works on any model and equals CAM on "
+                "those that have such a head: use method='gradcam'."
             )
         self.fc = fc
 
-    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
-        channels = activations.shape[1]
-        if self.fc.in_features != channels:
+    def layer_map(self, call: LayerCall) -> Tensor:
+        fc = self.fc if self.fc is not None else self._head(call)
+        channels = call.activations.shape[1]
+        if fc.in_features != channels:
             raise ValueError(
                 f"CAM needs the linear layer to read the pooled {channels} channels of the layer "
-                f"explained, but it takes {self.fc.in_features} features: the head is not global "
+                f"explained, but it takes {fc.in_features} features: the head is not global "
                 "average pooling + linear at this layer. Use method='gradcam' instead."
             )
-        if bool((classes < 0).any()) or bool((classes >= self.fc.out_features).any()):
+        classes = call.classes
+        if bool((classes < 0).any()) or bool((classes >= fc.out_features).any()):
             raise ValueError(
-                f"CAM needs class indices in 0..{self.fc.out_features - 1} of the linear layer"
+                f"CAM needs class indices in 0..{fc.out_features - 1} of the linear layer"
             )
-        return per_channel(self.fc.weight[classes].to(activations.dtype), activations)
+        return per_channel(fc.weight[classes].to(call.activations.dtype), call.activations)
+
+    @staticmethod
+    def _head(call: LayerCall) -> nn.Linear:
+        try:
+            head, _ = find_head(call.model, call.activations, call.prediction, call.name)
+        except ValueError as exc:
+            raise ValueError(
+                f"CAM needs a head of global average pooling followed by one nn.Linear layer at "
+                f"the layer explained: {exc} Grad-CAM works on any model and equals CAM on those "
+                "that have such a head: use method='gradcam' (or pass fc= to name the layer)."
+            ) from None
+        linear = only_linear(head)
+        if linear is None:
+            raise ValueError(
+                f"CAM needs a head of global average pooling followed by one nn.Linear layer; "
+                f"this model's head is {type(head).__name__} with more than one layer. Use "
+                "method='gradcam'."
+            )
+        return linear
 
 
 @register
@@ -77,7 +89,6 @@ class GradCAM(CAMExplainer):
     ``alpha_k = mean_ij G^k_ij``, ``M = sum_k alpha_k A^k``."""
 
     name = "gradcam"
-    aliases = ("grad-cam",)
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
@@ -91,7 +102,7 @@ class GradCAMPlusPlus(CAMExplainer):
     ``w_k = sum_ij a^k_ij relu(G^k_ij)``, ``M = sum_k w_k A^k``."""
 
     name = "gradcam++"
-    aliases = ("gradcampp", "gradcamplusplus", "grad-cam++")
+    aliases = ("gradcampp", "gradcam_plus_plus")
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
@@ -110,7 +121,6 @@ class XGradCAM(CAMExplainer):
     ``M = sum_k alpha_k A^k``."""
 
     name = "xgradcam"
-    aliases = ("xgrad-cam",)
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
@@ -125,7 +135,6 @@ class LayerCAM(CAMExplainer):
     Several layers fuse by ``tanh(2 M / max M)`` then element-wise maximum (Sec. III-C)."""
 
     name = "layercam"
-    aliases = ("layer-cam",)
     default_fusion = "tanh-max"
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
@@ -139,7 +148,6 @@ class HiResCAM(CAMExplainer):
     to the score for heads of the form pooling + linear."""
 
     name = "hirescam"
-    aliases = ("hires-cam",)
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
@@ -151,8 +159,8 @@ class GradCAMElementWise(CAMExplainer):
     """Grad-CAM element-wise (as in pytorch-grad-cam): ``M = sum_k relu(G^k * A^k)``,
     HiResCAM with the ReLU inside the channel sum."""
 
-    name = "gradcamelementwise"
-    aliases = ("gradcam-elementwise", "elementwise")
+    name = "gradcam_elementwise"
+    aliases = ("elementwise",)
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
@@ -189,7 +197,6 @@ class EigenCAM(CAMExplainer):
     :func:`first_principal_component`)."""
 
     name = "eigencam"
-    aliases = ("eigen-cam",)
     needs_gradients = False
     needs_target = False
 
@@ -203,7 +210,6 @@ class EigenGradCAM(CAMExplainer):
     class-specific through the gradient, sign fixed as in Eigen-CAM."""
 
     name = "eigengradcam"
-    aliases = ("eigengrad-cam",)
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None

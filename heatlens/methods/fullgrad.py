@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from heatlens.engine.capture import forward_with_capture, gradients_of
 from heatlens.engine.layers import LayerSpec, resolve_layers
 from heatlens.engine.maps import minmax, upsample
-from heatlens.engine.targets import TargetSpec, as_target
+from heatlens.engine.targets import Target
 from heatlens.explanation import Explanation
 from heatlens.methods.base import Explainer, build_explanation
 from heatlens.methods.registry import register
@@ -64,7 +64,6 @@ class FullGrad(Explainer):
     """
 
     name = "fullgrad"
-    aliases = ("full-grad",)
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto") -> None:
         super().__init__(model)
@@ -87,11 +86,11 @@ class FullGrad(Explainer):
                                  f"({type(module).__name__}) has none")
         return list(zip(choice.names, choice.modules, strict=True)), choice.reason
 
-    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
+    def _explain(self, x: Tensor, target: Target) -> Explanation:
         layers, reason = self._layers(x)
-        goal = as_target(target)
+        goal = target
         captured = forward_with_capture(self.model, x, dict(layers), with_gradients=True,
-                                        input_gradients=True)
+                                        input_gradients=True, follow_activations=False)
         classes = goal.classes(captured.output, x.shape[0]).to(x.device)
         with torch.enable_grad():
             scores = goal.score(captured.output, classes)

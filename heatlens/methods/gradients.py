@@ -27,7 +27,7 @@ class Saliency(AttributionExplainer):
     gives ``|d y_c / d x|`` (the paper's, and Captum's default)."""
 
     name = "saliency"
-    aliases = ("gradient", "vanillagradient")
+    aliases = ("gradient", "vanilla_gradient")
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, absolute: bool = False,
                  **options: Any) -> None:
@@ -43,8 +43,8 @@ class Saliency(AttributionExplainer):
 class InputXGradient(AttributionExplainer):
     """Input x gradient (Shrikumar et al., 2016): ``A = x * d y_c / d x``."""
 
-    name = "inputxgradient"
-    aliases = ("input-x-gradient", "gradientxinput")
+    name = "input_x_gradient"
+    aliases = ("gradient_x_input",)
 
     def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
         grad, _ = self.chunked_gradients(x, target, classes)
@@ -103,8 +103,8 @@ class GuidedBackprop(AttributionExplainer):
     gradient ``d y_c / d x`` with every ReLU passing back only positive gradients where its
     input was positive, ``g_in = relu(g_out) * [x > 0]``."""
 
-    name = "guidedbackprop"
-    aliases = ("guided-backprop", "guidedbackpropagation")
+    name = "guided_backprop"
+    aliases = ("guided_backpropagation",)
     guided = True
 
     def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
@@ -128,8 +128,7 @@ class GuidedGradCAM(AttributionExplainer):
     the ReLU'd, unscaled Grad-CAM map upsampled to the input (``upsampling="bilinear"`` as in
     the paper; ``"nearest"`` is Captum's default)."""
 
-    name = "guidedgradcam"
-    aliases = ("guided-grad-cam", "guided-gradcam")
+    name = "guided_gradcam"
     uses_layer = True
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
@@ -197,8 +196,8 @@ class IntegratedGradients(AttributionExplainer):
     at both ends); Captum's uses ``1 / steps``, which sums to ``(steps - 1) / steps``.
     """
 
-    name = "integratedgradients"
-    aliases = ("integrated-gradients", "ig")
+    name = "integrated_gradients"
+    aliases = ("ig",)
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, steps: int = 50,
                  rule: str = "gausslegendre", baseline: str | Tensor = "zeros",

@@ -24,7 +24,6 @@ in training mode) would make a crop wrong; so a plan is checked before use: thre
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from heatlens.engine.budget import channels_last
+from heatlens.engine.hooks import forward_hooks
 
 NON_LOCAL = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
@@ -106,26 +106,18 @@ def _flops(module: nn.Module, out: Tensor | None) -> int:
 
 def _calls(model: nn.Module, image: Tensor) -> list[_Call]:
     """Every module's calls in the order they finish, on one image."""
-    owner = threading.get_ident()
     names = {module: name for name, module in model.named_modules()}
     calls: list[_Call] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() != owner:
-            return
         first = _first_tensor(args)
         out = output if isinstance(output, Tensor) else None
         calls.append(_Call(names[module], module,
                            tuple(first.shape[2:]) if first is not None else None,
                            tuple(out.shape) if out is not None else None, _flops(module, out)))
 
-    handles = [m.register_forward_hook(hook) for m in names]
-    try:
-        with torch.inference_mode():
-            model(image)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks((m, hook) for m in names), torch.inference_mode():
+        model(image)
     return calls
 
 
@@ -254,16 +246,13 @@ def _fits(model: nn.Module, x: Tensor, plan: CutPlan) -> bool:
         shape.append(tuple(output.shape[2:]))
         raise _Stop
 
-    handle = plan.module.register_forward_hook(stop)
     try:
-        with torch.inference_mode():
+        with forward_hooks([(plan.module, stop)]), torch.inference_mode():
             model(crop)
     except _Stop:
         pass
     except (RuntimeError, ValueError, IndexError):
         return False
-    finally:
-        handle.remove()
     if not shape:
         return False
     return all(
@@ -277,12 +266,9 @@ def _pasted(plan: CutPlan, clean: Tensor, places: list[tuple[int, int, int]]
             ) -> Iterator[None]:
     """Inside the block, the cut returns ``clean[b]`` with the changed outputs of crop item
     ``i`` pasted in, for ``places[i] = (b, row position, column position)``."""
-    owner = threading.get_ident()
     rows, cols = plan.spans
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
-        if threading.get_ident() != owner:
-            return None
         index = torch.tensor([b for b, _, _ in places], device=clean.device)
         pasted = clean.index_select(0, index).to(output.dtype)
         for item, (_, i, j) in enumerate(places):
@@ -292,11 +278,8 @@ def _pasted(plan: CutPlan, clean: Tensor, places: list[tuple[int, int, int]]
             pasted[item, :, r0:r1, c0:c1] = output[item, :, r0 - dr : r1 - dr, c0 - dc : c1 - dc]
         return channels_last(pasted)
 
-    handle = plan.module.register_forward_hook(hook)
-    try:
+    with forward_hooks([(plan.module, hook)]):
         yield
-    finally:
-        handle.remove()
 
 
 def clean_features(model: nn.Module, x: Tensor, plan: CutPlan) -> tuple[Any, Tensor]:
@@ -306,12 +289,8 @@ def clean_features(model: nn.Module, x: Tensor, plan: CutPlan) -> tuple[Any, Ten
     def keep(module: nn.Module, args: Any, output: Tensor) -> None:
         seen.append(output)
 
-    handle = plan.module.register_forward_hook(keep)
-    try:
-        with torch.inference_mode():
-            output = model(x)
-    finally:
-        handle.remove()
+    with forward_hooks([(plan.module, keep)]), torch.inference_mode():
+        output = model(x)
     return output, seen[0]
 
 

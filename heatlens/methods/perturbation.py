@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from heatlens.engine.budget import channels_last, items_per_chunk, progress
 from heatlens.engine.layers import LayerSpec
-from heatlens.engine.targets import ClassLogit, Target, primary_output
+from heatlens.engine.targets import Target
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.methods.incremental import (
     CutPlan,
@@ -22,7 +22,7 @@ from heatlens.methods.incremental import (
     plan_cut,
 )
 from heatlens.methods.registry import register
-from heatlens.methods.score import seeded_generator
+from heatlens.methods.sampling import probability_or_score, seeded_generator
 
 
 def _per_dim(value: int | tuple[int, ...], x: Tensor, what: str) -> tuple[int, ...]:
@@ -60,7 +60,7 @@ class Occlusion(AttributionExplainer):
     """
 
     name = "occlusion"
-    aliases = ("occlusionsensitivity",)
+    aliases = ("occlusion_sensitivity",)
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
                  window: int | tuple[int, ...] = 16, stride: int | tuple[int, ...] = 8,
@@ -173,7 +173,6 @@ class RISE(AttributionExplainer):
     """
 
     name = "rise"
-    aliases = ()
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, masks: int = 2000,
                  cells: int = 7, p: float = 0.5, seed: int = 0, **options: Any) -> None:
@@ -214,14 +213,8 @@ class RISE(AttributionExplainer):
                 n = masks.shape[0]
                 masked = (x[:, None] * masks[None, :, None]).flatten(0, 1)
                 output = self.model(channels_last(masked))
-                scores = self._scores(output, target, classes.repeat_interleave(n))
+                scores = probability_or_score(output, target, classes.repeat_interleave(n))
                 saliency += torch.einsum("bn,n...->b...", scores.reshape(batch, n), masks)
                 bar.update(n * batch)
         saliency /= self.masks * self.p
         return saliency[:, None].expand_as(x).to(x.dtype).clone(), {}
-
-    @staticmethod
-    def _scores(output: Any, target: Target, classes: Tensor) -> Tensor:
-        if isinstance(target, ClassLogit):
-            return primary_output(output).float().softmax(dim=1).gather(1, classes[:, None])[:, 0]
-        return target.score(output, classes).float()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from heatlens.engine.attention import attention_recorded
 from heatlens.engine.layers import LayerSpec
 from heatlens.engine.maps import minmax, upsample
-from heatlens.engine.targets import TargetSpec, as_target
+from heatlens.engine.targets import Target
 from heatlens.engine.tokens import TokenLayout, token_layout
 from heatlens.explanation import Explanation
 from heatlens.methods.base import Explainer, build_explanation
@@ -100,8 +100,8 @@ class AttentionExplainer(Explainer):
         """The ``(B, N, N)`` token relevance from the layers' attention (and gradients)."""
         raise NotImplementedError
 
-    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
-        goal = as_target(target)
+    def _explain(self, x: Tensor, target: Target) -> Explanation:
+        goal = target
         inputs = x.detach().requires_grad_(self.needs_gradients)
         with attention_recorded(self.model) as attentions, \
                 torch.set_grad_enabled(self.needs_gradients):
@@ -139,7 +139,7 @@ class AttentionRollout(AttentionExplainer):
     names what is reported."""
 
     name = "attention_rollout"
-    aliases = ("rollout", "attentionrollout")
+    aliases = ("rollout",)
 
     def relevance(self, attentions: list[Tensor], gradients: list[Tensor] | None,
                   layout: TokenLayout) -> Tensor:
@@ -155,7 +155,7 @@ class GradientRollout(AttentionExplainer):
     (as in the vit-explain project, with every layer paired with its own gradient)."""
 
     name = "gradient_rollout"
-    aliases = ("grad_rollout", "gradientrollout")
+    aliases = ("grad_rollout",)
     needs_gradients = True
 
     def relevance(self, attentions: list[Tensor], gradients: list[Tensor] | None,

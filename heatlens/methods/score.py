@@ -12,15 +12,20 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Generator, Tensor, nn
+from torch import Tensor, nn
 
-from heatlens.engine.budget import DEFAULT_BUDGET, channels_last, items_per_chunk, progress
+from heatlens.engine.budget import (
+    DEFAULT_BUDGET,
+    budget_bytes,
+    channels_last,
+    items_per_chunk,
+    progress,
+)
 from heatlens.engine.layers import LayerSpec
-from heatlens.engine.maps import minmax, upsample
-from heatlens.engine.targets import ClassLogit, primary_output
+from heatlens.engine.maps import minmax, per_channel, upsample
 from heatlens.methods.base import CAMExplainer, LayerCall
-from heatlens.methods.cam import per_channel
 from heatlens.methods.registry import register
+from heatlens.methods.sampling import probability_or_score, seeded_generator
 
 VARIANTS = ("probability", "softmax")
 
@@ -61,7 +66,7 @@ class ScoreFamily(CAMExplainer):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
         self.variant = variant
-        self.memory_budget = memory_budget
+        self.memory_budget = budget_bytes(memory_budget)
         self.seed = seed
         self.show_progress = show_progress
 
@@ -71,9 +76,8 @@ class ScoreFamily(CAMExplainer):
 
     def masked_scores(self, call: LayerCall, output: object, classes: Tensor) -> Tensor:
         """Per masked input: the target's probability (``"probability"``) or its score."""
-        if self.variant == "probability" and isinstance(call.target, ClassLogit):
-            probabilities = primary_output(output).float().softmax(dim=1)
-            return probabilities.gather(1, classes[:, None])[:, 0]
+        if self.variant == "probability":
+            return probability_or_score(output, call.target, classes)
         return call.target.score(output, classes).float()
 
     def layer_map(self, call: LayerCall) -> Tensor:
@@ -131,7 +135,6 @@ class ScoreCAM(ScoreFamily):
     """
 
     name = "scorecam"
-    aliases = ("score-cam",)
 
 
 @register
@@ -144,7 +147,7 @@ class SSCAM(ScoreFamily):
     """
 
     name = "sscam"
-    aliases = ("ss-cam", "smoothscorecam")
+    aliases = ("smooth_scorecam",)
     zero_mask_stays_zero = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, samples: int = 10,
@@ -175,7 +178,7 @@ class ISCAM(ScoreFamily):
     """
 
     name = "iscam"
-    aliases = ("is-cam", "integratedscorecam")
+    aliases = ("integrated_scorecam",)
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, samples: int = 10,
                  **options: object) -> None:
@@ -187,8 +190,3 @@ class ISCAM(ScoreFamily):
     def perturb(self, masks: Tensor, first_channel: int) -> Tensor:
         steps = torch.arange(1, self.samples + 1, device=masks.device) / self.samples
         return masks[:, :, None] * steps.reshape(1, 1, -1, *[1] * (masks.ndim - 2))
-
-
-def seeded_generator(seed: int, stream: int, device: torch.device) -> Generator:
-    """A generator seeded from ``seed`` and a stream number (a channel, a sample)."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + stream)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from heatlens.engine.budget import DEFAULT_BUDGET, items_per_chunk, progress
+from heatlens.engine.budget import DEFAULT_BUDGET, budget_bytes, items_per_chunk, progress
 from heatlens.engine.capture import forward_with_capture, gradients_of
 from heatlens.engine.layers import LayerSpec
-from heatlens.engine.maps import spatial_dims
-from heatlens.methods.base import CAMExplainer, LayerCall, as_map
-from heatlens.methods.cam import per_channel, safe_divide
+from heatlens.engine.maps import per_channel, safe_divide, spatial_dims
+from heatlens.engine.tokens import as_map
+from heatlens.methods.base import CAMExplainer, LayerCall
 from heatlens.methods.registry import register
-from heatlens.methods.score import seeded_generator
+from heatlens.methods.sampling import input_noise
 
 
 @register
@@ -33,8 +33,8 @@ class SmoothGradCAMPlusPlus(CAMExplainer):
         show_progress: ``None`` shows a bar for long runs in a terminal.
     """
 
-    name = "smoothgradcam++"
-    aliases = ("smoothgradcampp", "smooth-grad-cam++", "smoothgradcamplusplus")
+    name = "smooth_gradcam++"
+    aliases = ("smooth_gradcampp", "smooth_gradcam_plus_plus")
     needs_gradients = False  # the clean pass needs only the activations
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, samples: int = 8,
@@ -45,18 +45,8 @@ class SmoothGradCAMPlusPlus(CAMExplainer):
         if samples < 1 or noise < 0:
             raise ValueError(f"samples must be >= 1 and noise >= 0, got {samples} and {noise}")
         self.samples, self.noise, self.seed = samples, noise, seed
-        self.memory_budget = memory_budget
+        self.memory_budget = budget_bytes(memory_budget)
         self.show_progress = show_progress
-
-    def noise_for(self, x: Tensor, first: int, count: int) -> Tensor:
-        """Noise samples ``first ... first + count - 1``: ``(count, B, *x.shape[1:])``."""
-        reach = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(1, -1, *[1] * (x.ndim - 1))
-        draws = torch.stack([
-            torch.randn(x.shape[1:], device=x.device,
-                        generator=seeded_generator(self.seed, i, x.device))
-            for i in range(first, first + count)
-        ])
-        return self.noise * reach * draws[:, None]
 
     def layer_map(self, call: LayerCall) -> Tensor:
         x, acts = call.inputs, call.activations
@@ -67,7 +57,8 @@ class SmoothGradCAMPlusPlus(CAMExplainer):
         with progress(self.samples * batch, self.name, show=self.show_progress) as bar:
             for first in range(0, self.samples, step):
                 count = min(step, self.samples - first)
-                noisy = (x[None] + self.noise_for(x, first, count)).flatten(0, 1)
+                noise = input_noise(x, self.noise, self.seed, first, count)
+                noisy = (x[None] + noise).flatten(0, 1)
                 captured = forward_with_capture(self.model, noisy, {call.name: call.module},
                                                 with_gradients=True)
                 with torch.enable_grad():

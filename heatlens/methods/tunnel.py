@@ -1,16 +1,20 @@
-"""A noise tunnel around any method: SmoothGrad, SmoothGrad-squared and VarGrad."""
+"""A noise tunnel around any method: SmoothGrad, SmoothGrad-squared and VarGrad; and SmoothGrad
+itself, saliency in the tunnel, under the name users type."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from heatlens.engine.budget import DEFAULT_BUDGET, items_per_chunk
-from heatlens.engine.targets import NO_CLASS, ClassLogit, TargetSpec, as_target
+from heatlens.engine.budget import DEFAULT_BUDGET, budget_bytes, items_per_chunk
+from heatlens.engine.layers import LayerSpec
+from heatlens.engine.targets import NO_CLASS, ClassLogit, Target
 from heatlens.explanation import Explanation
 from heatlens.methods.attribution import AttributionExplainer
 from heatlens.methods.base import CAMExplainer, Explainer
-from heatlens.methods.score import seeded_generator
+from heatlens.methods.gradients import Saliency
+from heatlens.methods.registry import register
+from heatlens.methods.sampling import input_noise
 
 KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -41,26 +45,20 @@ class NoiseTunnel(Explainer):
             raise ValueError(f"samples must be >= 1 and noise >= 0, got {samples} and {noise}")
         self.explainer, self.kind = explainer, kind
         self.samples, self.noise, self.seed = samples, noise, seed
-        self.memory_budget = memory_budget
-        self.name = f"{explainer.name}+{kind}"
+        self.memory_budget = budget_bytes(memory_budget)
+        self.name = getattr(type(self), "name", None) or f"{explainer.name}+{kind}"
 
-    def _explain(self, x: Tensor, target: TargetSpec) -> Explanation:
+    def _explain(self, x: Tensor, target: Target) -> Explanation:
         clean = self.explainer(x, target)
-        goal = as_target(target)
+        goal = target
         fixed = isinstance(goal, ClassLogit) and bool((clean.targets != NO_CLASS).all())
         batch = x.shape[0]
         step = max(1, items_per_chunk(self.model, x[:1], self.memory_budget,
                                       with_gradients=True) // batch)
-        reach = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, *[1] * (x.ndim - 1))
         layers: dict[str, list[Tensor]] = {}
         for first in range(0, self.samples, step):
             count = min(step, self.samples - first)
-            draws = torch.stack([
-                torch.randn(x.shape[1:], device=x.device, dtype=x.dtype,
-                            generator=seeded_generator(self.seed, i, x.device))
-                for i in range(first, first + count)
-            ])
-            noisy = (x[None] + self.noise * reach[None] * draws[:, None]).flatten(0, 1)
+            noisy = (x[None] + input_noise(x, self.noise, self.seed, first, count)).flatten(0, 1)
             # every copy explains the clean input's class
             copies_goal = type(goal)(clean.targets.repeat(count)) if fixed else goal
             part = self.explainer(noisy, copies_goal)
@@ -81,3 +79,22 @@ class NoiseTunnel(Explainer):
         if self.kind == "smoothgrad_sq":
             return samples.pow(2).mean(dim=0)
         return samples.var(dim=0, unbiased=False)
+
+
+@register
+class SmoothGrad(NoiseTunnel):
+    """SmoothGrad (Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017, Eq. 2):
+    the saliency ``d y_c / d x`` averaged over ``samples`` noisy copies ``x + e_i``,
+    ``e_i ~ N(0, sigma^2)``, ``sigma = noise * (max x - min x)``; the same as
+    ``explain(..., method="saliency", noise_tunnel="smoothgrad")``. ``absolute=True`` averages
+    ``|d y_c / d x|`` instead (see :class:`~heatlens.methods.gradients.Saliency`)."""
+
+    name = "smoothgrad"
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, samples: int = 10,
+                 noise: float = 0.15, seed: int = 0, absolute: bool = False,
+                 memory_budget: int = DEFAULT_BUDGET, show_progress: bool | None = None) -> None:
+        saliency = Saliency(model, layer, absolute=absolute, memory_budget=memory_budget,
+                            show_progress=show_progress)
+        super().__init__(saliency, "smoothgrad", samples=samples, noise=noise, seed=seed,
+                         memory_budget=memory_budget)
