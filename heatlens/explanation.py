@@ -33,7 +33,8 @@ class Explanation:
         layer_reason: how the layers were chosen (for ``layer="auto"``: which and why).
         output: the model's score tensor for the batch, detached.
         details: what a method reports beyond the maps, by name (integrated gradients:
-            ``"convergence_delta"``, ``(B,)``).
+            ``"convergence_delta"``, ``(B,)``; CAM methods: ``"followed_by"``, the functional
+            activation taken as part of a layer, and ``"token_layout"`` on transformers).
     """
 
     maps: Tensor

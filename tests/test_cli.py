@@ -345,3 +345,93 @@ def test_class_idx_and_top_k_exclude_each_other(run):
     result = run("explain", "--class-idx", "1", "--top-k", "2")
     assert result.exit_code == 2
     assert "either --class-idx or --top-k" in result.stderr
+
+
+# --- checked before the work, one rule for --out, the noise tunnel ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["--rows", "5"], "--rows 5 is more than the 1 panel of the figure", 2),
+        (["--method", "gradcam,layercam", "--rows", "3"], "more than the 2 panels", 2),
+        (["--out", "figure.txt"], "matplotlib does not write '.txt' files", 1),
+    ],
+)
+def test_figure_options_are_checked_before_any_work(run, args, message, code):
+    result = run("explain", *args)
+    assert result.exit_code == code
+    assert message in result.stderr
+    assert "model:" not in result.stdout  # refused before the model was loaded
+
+
+def test_out_naming_a_directory_writes_inside_it(tmp_path, run):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "heatlens_chelsea_gradcam.png").write_bytes(b"the user's")
+    result = run("explain", "--arch", "resnet18", "--layer", "layer4", "--out", "figures")
+    assert result.exit_code == 0, result.output
+    assert written(result) == Path("figures/heatlens_chelsea_gradcam-1.png")
+    assert_png(tmp_path / "figures" / "heatlens_chelsea_gradcam-1.png")
+    assert (tmp_path / "figures" / "heatlens_chelsea_gradcam.png").read_bytes() == b"the user's"
+    assert not (tmp_path / "figures.png").exists()
+
+
+def test_a_binary_labels_file_is_named(tmp_path, run):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    result = run("explain", "--labels", labels)
+    assert_clean_error(result, f"the labels file {labels} is not UTF-8 text")
+
+
+def test_several_images_have_their_names_in_the_titles(tmp_path, run, grid_panels):
+    copy = tmp_path / "upside_down.png"
+    Image.open(sample_image_path()).rotate(180).save(copy)
+    result = run("explain", sample_image_path(), copy, "--arch", "mobilenet_v2", "--weights",
+                 MOBILENET_WEIGHTS)
+    assert result.exit_code == 0, result.output
+    first, second = grid_panels["titles"]
+    assert first.startswith("chelsea.jpg | gradcam | ")
+    assert second.startswith("upside_down.png | gradcam | ")
+
+
+def test_noise_tunnel_on_the_command_line(run, grid_panels):
+    result = run("explain", "--arch", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                 "--method", "gradcam,saliency", "--noise-tunnel", "vargrad",
+                 "--nt-samples", "3")
+    assert result.exit_code == 0, result.output
+    assert [line.split(" | ")[0] for line in panel_lines(result)] == [
+        "chelsea.jpg: gradcam+vargrad", "chelsea.jpg: saliency+vargrad"]
+    assert len(grid_panels["panels"]) == 2
+    plain = run("explain", "--arch", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                "--method", "smoothgrad", "--nt-samples", "3")
+    assert plain.exit_code == 0, plain.output
+    (line,) = panel_lines(plain)
+    assert line.startswith("chelsea.jpg: smoothgrad | Egyptian cat | 0.")
+    bad = run("explain", "--noise-tunnel", "smooth")
+    assert bad.exit_code == 2 and "'smooth' is not one of" in bad.stderr
+    twice = run("explain", "--method", "smoothgrad", "--noise-tunnel", "vargrad")
+    assert_clean_error(twice, "smoothgrad is a noise tunnel already (SmoothGrad); put the "
+                              "method it runs (saliency) in the tunnel instead")
+    assert "model:" not in twice.stdout
+
+
+def test_class_idx_takes_a_label_name(run):
+    result = run("explain", "--arch", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                 "--class-idx", "tabby")
+    assert result.exit_code == 0, result.output
+    (line,) = panel_lines(result)
+    assert " | tabby | " in line
+    unknown = run("explain", "--arch", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                  "--class-idx", "tabbby")
+    assert_clean_error(unknown, "no class is named 'tabbby' among the 1000 labels. Did you mean")
+
+
+def test_layers_names_a_functional_activation(run):
+    result = run("layers", "--arch", "densenet121", "--size", "64")
+    assert result.exit_code == 0, result.output
+    norm5 = next(line for line in result.stdout.splitlines() if " features.norm5 " in line)
+    assert norm5.startswith("* ")
+    assert norm5.endswith("then a functional ReLU in DenseNet.forward")
+    assert result.stdout.splitlines()[-1].endswith(
+        "explained after a functional ReLU in DenseNet.forward, as the rest of the network "
+        "reads it")

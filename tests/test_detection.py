@@ -248,6 +248,7 @@ def test_torchvision_detectors_end_to_end(detectors, street, name, method):
     assert_same_state(before, snapshot(model))
     assert result.layers == ("backbone.body.layer4",)
     assert "deepest stage that the backbone" in result.layer_reason
+    assert "under the FPN every level is computed from it" in result.layer_reason
     assert result.targets.tolist() == [label]
     torch.testing.assert_close(result.scores, score[None], rtol=1e-4, atol=1e-6)
     assert result.maps.shape == (1, 64, 96)
@@ -290,6 +291,65 @@ def test_grad_cam_with_the_iou_term(detectors, street):
     target = BoxScore(found["boxes"][0], int(found["labels"][0]), with_iou=True)
     result = heatlens.explain(model, street, target=target)
     torch.testing.assert_close(result.scores, found["scores"][:1] + 1, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# SSD and SSDlite: backbones that return their maps themselves, no FPN
+# ------------------------------------------------------------------------------------------------
+
+SSDS = {"ssd300_vgg16": ("backbone.features", (38, 38)),
+        "ssdlite320_mobilenet_v3_large": ("backbone.features.0", (20, 20))}
+
+
+@pytest.fixture(scope="session")
+def ssds() -> dict[str, nn.Module]:
+    """Random SSDs; SSDlite's convolutions are re-drawn (He et al.), as its own initialisation
+    leaves activations of 1e-14 after its untrained batch norms."""
+    built = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name in SSDS:
+            model = getattr(tv_detection, name)(weights=None, weights_backbone=None,
+                                                num_classes=3, score_thresh=0.0,
+                                                detections_per_img=400, topk_candidates=400)
+            if name.startswith("ssdlite"):
+                for module in model.modules():
+                    if isinstance(module, nn.Conv2d):
+                        nn.init.kaiming_normal_(module.weight)
+            built[name] = model.eval()
+    return built
+
+
+@pytest.mark.parametrize("name", list(SSDS))
+def test_ssd_explains_the_finest_backbone_map(ssds, street, name):
+    """Not the head's last, smallest scale (SSDlite's ``head.classification_head.module_list.4``,
+    a 2 x 2 grid): the backbone map that its first, finest returned map depends on."""
+    layer, grid = SSDS[name]
+    before = snapshot(ssds[name])
+    result = heatlens.explain(ssds[name], street, method="eigencam")
+    assert_same_state(before, snapshot(ssds[name]))
+    assert result.layers == (layer,)
+    assert "its first, finest output depends on" in result.layer_reason
+    assert tuple(result.raw.shape[1:]) == grid
+    assert float(result.raw.std()) > 0 and result.maps.shape == (1, 64, 96)
+
+
+def test_every_ssdlite_box_depends_on_the_chosen_map(ssds, street):
+    """The smallest detection (the finest level's) has a map at the chosen layer, and none at
+    the head's last level, which only the largest boxes read."""
+    model = ssds["ssdlite320_mobilenet_v3_large"]
+    with torch.no_grad():
+        (found,) = model(street)
+    sides = found["boxes"][:, 2:] - found["boxes"][:, :2]
+    area = sides.prod(dim=1).where((sides > 0.5).all(dim=1), float("inf"))  # no slivers
+    smallest = int(area.argmin())
+    target = BoxScore(found["boxes"][smallest], int(found["labels"][smallest]))
+    chosen = heatlens.explain(model, street, method="gradcam", target=target)
+    with pytest.warns(UserWarning, match="zero everywhere"):
+        last_level = heatlens.explain(model, street, method="gradcam", target=target,
+                                      layer="head.classification_head.module_list.4")
+    assert float(chosen.raw.abs().max()) > 0
+    assert float(last_level.raw.abs().max()) == 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The engine's promises (DESIGN.md 1-5, 11): the model comes back as it went in, gradients flow
-wherever the call is made from, batches and threads give the same maps as single calls, and bad
-targets and layers get clear errors."""
+"""The engine's promises (docs/design.md, promises 1-5, 11): the model comes back as it went in,
+gradients flow wherever the call is made from, batches and threads give the same maps as single
+calls, and bad targets and layers get clear errors."""
 
 from __future__ import annotations
 

@@ -7,8 +7,9 @@
    bias term is zero and only the input term would be compared).
 2. Each method against its paper's formula, written here as plain per-image, per-channel loops
    (no heatlens function): on a small seeded CNN and on resnet18.
-3. The engine's promises (DESIGN.md 1, 3, 11) for the six methods, on the small CNN: model state
-   (also in training mode), no_grad / inference_mode, batch invariance, seeds, threads.
+3. The engine's promises (docs/design.md, promises 1, 3, 11) for the six methods, on the small
+   CNN: model state (also in training mode), no_grad / inference_mode, batch invariance, seeds,
+   threads.
 4. Memory budget: chunking changes the number of forward passes, not the maps.
 5. Ablation-CAM where the network cannot be cut at the layer (concatenated skip branches) and
    where it can, against brute-force full passes.
@@ -497,8 +498,8 @@ def test_model_state_unchanged_after_budget_error(lived_in, tiny_x, method):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_model_in_training_mode_is_left_as_it_was(lived_in, tiny_x, method):
-    """DESIGN 1: batch-norm running statistics must not move when the user's model is in
-    training mode (heatlens warns and leaves the mode as it is)."""
+    """Promise 1 (docs/design.md): batch-norm running statistics must not move when the user's
+    model is in training mode (heatlens warns and leaves the mode as it is)."""
     lived_in.train()
     before = snapshot(lived_in)
     with pytest.warns(UserWarning, match="training mode"):

@@ -105,6 +105,8 @@ def explain(images: tuple[Path, ...], spec: ModelSpec, methods: str, class_idx: 
                                f"--task {task}")
     with reported():
         names = method_names(methods)
+        if noise_tunnel is not None:
+            _check_tunnelled(names)
     paths, plan = start_figure(images, names, out, rows, len(names) * (top_k or 1))
     tunnel = {"noise_tunnel": noise_tunnel, "nt_samples": nt_samples} if noise_tunnel else {}
 
@@ -218,6 +220,14 @@ def method_names(methods: str) -> list[str]:
     if not requested:
         raise ValueError(f"--method {methods!r} names no method; see `heatlens methods`")
     return list(dict.fromkeys(canonical_name(name) for name in requested))
+
+
+def _check_tunnelled(names: list[str]) -> None:
+    from heatlens.methods.registry import method_class
+    from heatlens.methods.tunnel import check_tunnelled
+
+    for name in names:
+        check_tunnelled(method_class(name))
 
 
 def _class_scores(output: Any) -> torch.Tensor:

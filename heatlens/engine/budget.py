@@ -1,4 +1,5 @@
-"""Bounded memory and progress for methods that run the model many times (DESIGN promise 8).
+"""Bounded memory and progress for methods that run the model many times (``docs/design.md``,
+promise 8).
 
 Perturbed inputs are built chunk by chunk; a chunk holds as many inputs as fit in the memory
 budget, by an estimate of what one more input costs in one pass of the model.

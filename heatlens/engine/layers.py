@@ -9,7 +9,10 @@ followed by ``_bn1`` and the ReLU6 ``_swish``: the map is taken at ``_swish``, w
 are what the classifier reads). A module whose input is the model's own input (a trunk such as
 MobileNetV2's ``features``) is descended into, since explaining at it would be explaining at the
 whole network. Chosen this way: torchvision ResNet ``layer4``, MobileNetV2 ``features.18``,
-VGG-11 ``features.19``, EfficientNet-Lite0 ``_swish`` (after ``_conv_head``).
+VGG-11 ``features.19``, EfficientNet-Lite0 ``_swish`` (after ``_conv_head``), DenseNet
+``features.norm5``, whose output ``DenseNet.forward`` passes through ``F.relu``: the probe records
+such functional activations (:mod:`heatlens.engine.activations`), ``Candidate.followed_by`` names
+them, and capture explains their result.
 
 Two families are recognised before probing: torchvision's segmentation models and detectors
 explain in their backbone (:func:`~heatlens.engine.backbones.backbone_stage`), and transformers at

@@ -34,10 +34,7 @@ class NoiseTunnel(Explainer):
     def __init__(self, explainer: Explainer, kind: str = "smoothgrad", *, samples: int = 10,
                  noise: float = 0.15, seed: int = 0,
                  memory_budget: int = DEFAULT_BUDGET) -> None:
-        if not isinstance(explainer, CAMExplainer | AttributionExplainer):
-            raise TypeError(
-                f"a noise tunnel needs a CAM or attribution method, not {type(explainer).__name__}"
-            )
+        check_tunnelled(explainer)
         super().__init__(explainer.model)
         if kind not in KINDS:
             raise ValueError(f"noise tunnel kind must be one of {KINDS}, not {kind!r}")
@@ -79,6 +76,18 @@ class NoiseTunnel(Explainer):
         if self.kind == "smoothgrad_sq":
             return samples.pow(2).mean(dim=0)
         return samples.var(dim=0, unbiased=False)
+
+
+def check_tunnelled(explainer: Explainer | type[Explainer]) -> None:
+    """A noise tunnel runs around one CAM or attribution method (not around another tunnel)."""
+    cls = explainer if isinstance(explainer, type) else type(explainer)
+    if issubclass(cls, NoiseTunnel):
+        raise TypeError(f"{cls.name} is a noise tunnel already ({cls.__name__}); put the method "
+                        "it runs (saliency) in the tunnel instead")
+    if not issubclass(cls, CAMExplainer | AttributionExplainer):
+        raise TypeError(
+            f"a noise tunnel needs a CAM or attribution method, not {cls.__name__}"
+        )
 
 
 @register

@@ -28,7 +28,7 @@ attribution gives an all-zero map instead of an error.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -240,8 +240,20 @@ def _compose(norm: np.ndarray, rgb: np.ndarray | None, method: str, cmap: Colorm
     return grey * (1.0 - alpha) + 255.0 * colours[..., :3] * alpha
 
 
-def _render(attr: AttributionLike, image: ImageLike | None, method: str, sign: str,
-            outlier_perc: float, cmap: str | Colormap | None, alpha_overlay: float
+class PictureOptions(TypedDict, total=False):
+    """How an attribution is drawn; the defaults are :func:`_render`'s (see
+    :func:`attribution_image` for each)."""
+
+    method: str
+    sign: str
+    outlier_perc: float
+    cmap: str | Colormap | None
+    alpha_overlay: float
+
+
+def _render(attr: AttributionLike, image: ImageLike | None, *, method: str = "heat_map",
+            sign: str = "absolute_value", outlier_perc: float = 2.0,
+            cmap: str | Colormap | None = None, alpha_overlay: float = 0.5
             ) -> tuple[np.ndarray, ScalarMappable | None]:
     """The picture as ``(H, W, 3)`` uint8, and the colour scale of heat map methods."""
     _check_request(method, sign, image, alpha_overlay)
@@ -256,16 +268,8 @@ def _render(attr: AttributionLike, image: ImageLike | None, method: str, sign: s
     return np.rint(np.clip(picture, 0.0, 255.0)).astype(np.uint8), scale
 
 
-def attribution_image(
-    attr: AttributionLike,
-    image: ImageLike | None = None,
-    *,
-    method: str = "heat_map",
-    sign: str = "absolute_value",
-    outlier_perc: float = 2.0,
-    cmap: str | Colormap | None = None,
-    alpha_overlay: float = 0.5,
-) -> Image.Image:
+def attribution_image(attr: AttributionLike, image: ImageLike | None = None,
+                      **picture: Unpack[PictureOptions]) -> Image.Image:
     """A picture of the attribution ``attr`` as an RGB image, pixel for pixel, without axes.
 
     Args:
@@ -274,22 +278,26 @@ def attribution_image(
         image: the picture explained, anything :func:`heatlens.pictures.overlays.to_rgb_array`
             accepts (uint8 or floats in [0, 1]); needed by every method but ``"heat_map"``. When
             given, the result has its size (the normalised map is resized to it, bilinear).
-        method: one of :data:`METHODS` (see the module's description).
-        sign: one of :data:`SIGNS`; ``"all"`` does not go with ``"masked_image"`` or
-            ``"alpha_scaling"``.
-        outlier_perc: the percentage of the total absolute attribution, held by the largest
-            values, that saturates (:func:`normalize_attribution`).
-        cmap: a matplotlib colormap or its name for the heat map methods; ``None``: the sign's
-            default (:func:`sign_colormap`).
-        alpha_overlay: weight of the heat map over the grey image in ``"blended_heat_map"``.
+        **picture: the options of :class:`PictureOptions`:
+
+            - ``method``: one of :data:`METHODS` (see the module's description; default
+              ``"heat_map"``).
+            - ``sign``: one of :data:`SIGNS` (default ``"absolute_value"``); ``"all"`` does not
+              go with ``"masked_image"`` or ``"alpha_scaling"``.
+            - ``outlier_perc``: the percentage of the total absolute attribution, held by the
+              largest values, that saturates (:func:`normalize_attribution`; default 2).
+            - ``cmap``: a matplotlib colormap or its name for the heat map methods; ``None``
+              (the default): the sign's own (:func:`sign_colormap`).
+            - ``alpha_overlay``: weight of the heat map over the grey image in
+              ``"blended_heat_map"`` (default 0.5).
 
     Raises:
         ValueError: for an unknown method, sign or colormap, a method that needs the image
             without one, sign ``"all"`` with ``"masked_image"`` or ``"alpha_scaling"``, or a bad
             attribution or image.
     """
-    picture, _ = _render(attr, image, method, sign, outlier_perc, cmap, alpha_overlay)
-    return Image.fromarray(picture)
+    drawn, _ = _render(attr, image, **picture)
+    return Image.fromarray(drawn)
 
 
 def _draw(ax: Axes, picture: np.ndarray, scale: ScalarMappable | None, show_colorbar: bool,
@@ -314,22 +322,17 @@ def attribution_figure(
     attr: AttributionLike,
     image: ImageLike | None = None,
     *,
-    method: str = "heat_map",
-    sign: str = "absolute_value",
-    outlier_perc: float = 2.0,
-    cmap: str | Colormap | None = None,
-    alpha_overlay: float = 0.5,
     show_colorbar: bool = False,
     title: str | None = None,
     ax: Axes | None = None,
     figsize: tuple[float, float] = (6.0, 6.0),
+    **picture: Unpack[PictureOptions],
 ) -> Figure:
     """The picture of :func:`attribution_image` in a matplotlib figure, like Captum's
     ``visualize_image_attr``.
 
     Args:
-        attr, image, method, sign, outlier_perc, cmap, alpha_overlay: as in
-            :func:`attribution_image`.
+        attr, image, **picture: as in :func:`attribution_image`.
         show_colorbar: add a horizontal colorbar below the picture (heat map methods; the other
             methods keep an empty space there, so panels line up).
         title: the axes' title, or ``None`` for none.
@@ -339,11 +342,11 @@ def attribution_figure(
         The figure drawn on (``ax``'s when given). Save it with
         :func:`heatlens.pictures.overlays.save_figure`.
     """
-    picture, scale = _render(attr, image, method, sign, outlier_perc, cmap, alpha_overlay)
+    drawn, scale = _render(attr, image, **picture)
     if ax is None:
         figure = Figure(figsize=figsize)
         ax = figure.add_subplot()
-    _draw(ax, picture, scale, show_colorbar, title)
+    _draw(ax, drawn, scale, show_colorbar, title)
     return ax.figure.figure  # the root figure, also when ax is on a subfigure
 
 
