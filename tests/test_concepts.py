@@ -257,7 +257,7 @@ def test_inside_inference_mode(mobilenet_v2_imagenet, small):
         ({"n_components": 1281}, ValueError, "more than the 1280 channels.*n_components <= 1280"),
         ({"n_components": 2.5}, TypeError, "n_components must be an int"),
         ({"top_k": 1001}, ValueError, "top_k <= 1000"),
-        ({"layer": "classifier"}, ValueError, "not a feature map.*choose an earlier layer"),
+        ({"layer": "classifier"}, ValueError, "neither a feature map.*choose another layer"),
         ({"layer": "features.17"}, ValueError, "cannot find the classifier head.*head=None"),
         ({"head": "fc"}, ValueError, "head='fc'.*no layer named 'fc'"),
         ({"head": 3}, TypeError, "head must be 'auto'"),

@@ -11,6 +11,8 @@ command does its work), so ``heatlens --help`` and ``heatlens methods`` answer a
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from heatlens import __version__
@@ -21,9 +23,19 @@ from heatlens.cli.listing import layers, methods
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="heatlens")
-def main() -> None:
+@click.pass_context
+def main(context: click.Context) -> None:
     """Why did the vision model say that? Class activation maps and attributions for vision
     models."""
+    before = warnings.formatwarning
+    warnings.formatwarning = _one_line
+    context.call_on_close(lambda: setattr(warnings, "formatwarning", before))
+
+
+def _one_line(message: Warning | str, category: type[Warning], *args: object,
+              **kwargs: object) -> str:
+    """A warning on the command line: ``Warning: ...`` on one line, no source line."""
+    return f"Warning: {' '.join(str(message).split())}\n"
 
 
 for command in (explain, concepts, methods, layers):

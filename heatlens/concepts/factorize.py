@@ -210,7 +210,7 @@ def factorize(model: nn.Module, inputs: Tensor, n_components: int = 5,
         with torch.no_grad():
             head_fn, head_reason = _find_head(model, head, acts, captured.output, name,
                                               tokens=layout is not None)
-        matrix, notes = _nonnegative_rows(acts, name)
+        matrix, notes = _nonnegative_rows(acts, name, tokens=layout is not None)
         found = nmf(matrix, n_components, seed=seed, max_iter=max_iter, tol=tol)
         grid = (acts.shape[0], *acts.shape[2:], n_components)
         raw = found.weights.reshape(grid).movedim(-1, 1).float()
@@ -256,7 +256,8 @@ def _check_layer(acts: Tensor, name: str, n_components: int) -> None:
         )
 
 
-def _nonnegative_rows(acts: Tensor, name: str) -> tuple[Tensor, tuple[str, ...]]:
+def _nonnegative_rows(acts: Tensor, name: str, *, tokens: bool
+                      ) -> tuple[Tensor, tuple[str, ...]]:
     """``(B, C, *spatial)`` as ``A`` ``(N, C)``, one row per position; negative values are set to
     0 with a warning, as NMF needs ``A >= 0``."""
     matrix = acts.movedim(1, -1).reshape(-1, acts.shape[1])
@@ -267,7 +268,9 @@ def _nonnegative_rows(acts: Tensor, name: str) -> tuple[Tensor, tuple[str, ...]]
     note = (
         f"layer {name!r} has negative activations ({float(negative.float().mean()):.0%} of the "
         f"values, {share:.0%} of the magnitude); NMF needs non-negative data, so they were set "
-        "to 0. Choose a layer after a ReLU for an exact factorization (layer='auto' usually is)."
+        "to 0. " + ("A transformer's tokens are signed: its concepts come from their positive "
+                    "part." if tokens else "Choose a layer after a ReLU for an exact "
+                    "factorization (layer='auto' is, on common CNNs).")
     )
     warn(note)
     return matrix.clamp_min(0), (note,)

@@ -43,15 +43,18 @@ def find_head(model: nn.Module, activations: Tensor, output: Any, layer: str
     if expected is not None and expected.ndim == 2:
         pooled = activations.detach().mean(dim=spatial_dims(activations))
         for label, module in head_candidates(model, channels):
-            with torch.no_grad():
-                got = module(pooled.to(expected.dtype))
+            tried.append(label)
+            try:
+                with torch.no_grad():
+                    got = module(pooled.to(expected.dtype))
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                continue  # a head that does not take (B, C) vectors (ConvNeXt's LayerNorm2d)
             if isinstance(got, Tensor) and got.shape == expected.shape and torch.allclose(
                 got.float(), expected.float(), rtol=1e-3,
                 atol=1e-4 * max(float(expected.abs().max()), 1.0),
             ):
                 return module, (f"'{label}' ({type(module).__name__}; reproduces the model's "
                                 f"output from the global average of '{layer}')")
-            tried.append(label)
     what = (f"tried {', '.join(repr(t) for t in tried)}" if tried
             else f"no linear layer of the model takes {channels} features")
     raise ValueError(

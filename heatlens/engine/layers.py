@@ -36,7 +36,8 @@ from heatlens.engine.activations import FirstReads
 from heatlens.engine.backbones import backbone_stage
 from heatlens.engine.entry import buffers_kept
 from heatlens.engine.hooks import forward_hooks
-from heatlens.engine.tokens import infer_layout, transformer_layer
+from heatlens.engine.targets import primary_output
+from heatlens.engine.tokens import infer_layout, is_feature_map, transformer_layer
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
 
@@ -104,24 +105,26 @@ def module_by_name(model: nn.Module, name: str) -> nn.Module:
 
 
 def _is_spatial(output: Any, inputs: Tensor) -> bool:
-    return (
-        isinstance(output, Tensor)
-        and output.ndim == inputs.ndim
-        and output.shape[0] == inputs.shape[0]
-        and prod(output.shape[2:]) > 1
-    )
+    return (isinstance(output, Tensor) and is_feature_map(output, inputs)
+            and prod(output.shape[2:]) > 1)
 
 
 def _passed_over(module: nn.Module) -> bool:
     return type(module).__module__.startswith(_PASSED_OVER) or isinstance(module, nn.Identity)
 
 
-def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool]]:
-    """Run the model once on ``sample`` and list the modules with spatial outputs.
+@dataclass(frozen=True)
+class _Probe:
+    candidates: list[Candidate]
+    """The modules with spatial outputs, in the order they finished."""
+    takes_input: list[bool]
+    """For each candidate, whether its input was the model's input tensor itself."""
+    classes: int | None
+    """``K`` of a ``(B, K)`` score output, else ``None``."""
 
-    Returns the candidates in the order they finished, and for each whether its input was the
-    model's input tensor itself.
-    """
+
+def _probe(model: nn.Module, sample: Tensor) -> _Probe:
+    """Run the model once on ``sample`` and list the modules with spatial outputs."""
     finished: list[tuple[str, nn.Module, Tensor, bool]] = []
     followers: dict[int, str] = {}  # id of an output -> the functional activation after it
     reads = FirstReads()
@@ -145,7 +148,8 @@ def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool
     hooks = [(m, make_hook(n)) for n, m in model.named_modules() if n]
     with buffers_kept(model), torch.inference_mode(False), torch.enable_grad():
         with forward_hooks(hooks), reads:
-            total = _output_total(model(x))
+            output = model(x)
+        total = _output_total(output)
         acts = [act for _, _, act, _ in finished]
         tracked = [i for i, act in enumerate(acts) if act.requires_grad]
         depends = [False] * len(acts)
@@ -157,7 +161,12 @@ def _probe(model: nn.Module, sample: Tensor) -> tuple[list[Candidate], list[bool
         Candidate(n, type(m).__name__, tuple(a.shape[1:]), d, followers.get(id(a), ""))
         for (n, m, a, _), d in zip(finished, depends, strict=True)
     ]
-    return candidates, [t for *_, t in finished]
+    try:
+        scores = primary_output(output)
+    except (TypeError, ValueError):
+        scores = None
+    classes = scores.shape[1] if scores is not None and scores.ndim == 2 else None
+    return _Probe(candidates, [t for *_, t in finished], classes)
 
 
 def _output_total(output: Any) -> Tensor:
@@ -178,22 +187,28 @@ def candidate_layers(model: nn.Module, inputs: Tensor) -> list[Candidate]:
     """Modules with a spatial output ``(B, C, *spatial)`` on ``inputs``, in the order they
     finished. A module called several times is listed once, at its last call, which is the call
     that explaining at it uses."""
-    candidates, _ = _probe(model, inputs[:1])
+    candidates = _probe(model, inputs[:1]).candidates
     last = {c.name: c for c in candidates}
     return [c for c in candidates if last[c.name] is c]
 
 
 def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:
     """Choose the layer to explain (see the module docstring); returns (name, reason)."""
-    known = backbone_stage(model, inputs) or transformer_layer(model)
+    known = backbone_stage(model, inputs)
     if known is not None:
         return known
-    candidates, takes_input = _probe(model, inputs[:1])
+    tokens = transformer_layer(model)
+    probe = _probe(model, inputs[:1])
+    candidates, takes_input = probe.candidates, probe.takes_input
+    if tokens is not None and any(c.name == tokens[0] for c in candidates):
+        return tokens  # its output holds the patch grid (windowed attention's does not)
     modules = dict(model.named_modules())
+    classifier = [c.name for c in candidates
+                  if _classifier_convolution(modules[c.name], probe.classes)]
     usable = [
         i
         for i, c in enumerate(candidates)
-        if c.output_depends and not _passed_over(modules[c.name])
+        if c.output_depends and not _passed_over(modules[c.name]) and c.name not in classifier
     ]
     if not usable:
         raise ValueError(
@@ -210,13 +225,11 @@ def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:
         spans = candidates[chosen].name
         note = f"; chosen inside '{spans}', which spans the network from its input"
         chosen = inner[-1]
+    if classifier:
+        note += (f"; '{classifier[-1]}' (a 1 x 1 convolution to the {probe.classes} classes) is "
+                 "the classifier, not explained")
     block = candidates[chosen]
-    trailing = [
-        i
-        for i in range(chosen + 1, len(candidates))
-        if candidates[i].output_depends
-        and type(modules[candidates[i].name]).__module__.startswith(_FOLLOWERS)
-    ]
+    trailing = _followers(candidates, chosen, modules)
     if trailing:  # the normalisation and activation applied to the block's output
         last = candidates[trailing[-1]]
         return last.name, (
@@ -229,6 +242,30 @@ def auto_layer(model: nn.Module, inputs: Tensor) -> tuple[str, str]:
         f"'{block.name}' ({block.module_type}, output {block.shape}) is the last module with a "
         f"spatial feature map that the output depends on{note}"
     )
+
+
+def _followers(candidates: list[Candidate], chosen: int, modules: dict[str, nn.Module]
+               ) -> list[int]:
+    """The normalisation and activation modules that run on the chosen block's output right
+    after it (skipping the containers that finish around it), in order."""
+    block = candidates[chosen]
+    found = []
+    for i in range(chosen + 1, len(candidates)):
+        candidate = candidates[i]
+        if block.name.startswith(candidate.name + "."):
+            continue
+        if not (candidate.output_depends and candidate.shape == block.shape
+                and type(modules[candidate.name]).__module__.startswith(_FOLLOWERS)):
+            break
+        found.append(i)
+    return found
+
+
+def _classifier_convolution(module: nn.Module, classes: int | None) -> bool:
+    """A 1 x 1 convolution to the model's ``K`` classes: a classifier that scores every position
+    (SqueezeNet's ``classifier.1``), the role of a linear head, not a feature layer."""
+    return (classes is not None and classes > 1 and isinstance(module, nn.modules.conv._ConvNd)
+            and module.out_channels == classes and all(k == 1 for k in module.kernel_size))
 
 
 _AUTO_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[str, str]]] = (

@@ -169,15 +169,29 @@ def _is_attention(module: nn.Module) -> bool:
     )
 
 
+def is_feature_map(output: Tensor, inputs: Tensor) -> bool:
+    """Whether ``output`` is a feature map ``(B, C, *spatial)`` over the grid of ``inputs``
+    ``(B, C_in, *spatial_in)``: as many spatial dimensions, each at most twice the input's, and
+    the same stride along each (within a factor of two, for rounding). MaxViT's windows
+    ``(B, 1, 49, 512)`` have the rank of a map but not its grid."""
+    if output.ndim != inputs.ndim or output.shape[0] != inputs.shape[0] or output.ndim < 3:
+        return False
+    sizes, full = output.shape[2:], inputs.shape[2:]
+    if any(not 1 <= s <= 2 * f for s, f in zip(sizes, full, strict=True)):
+        return False
+    strides = [f / s for s, f in zip(sizes, full, strict=True) if s > 1]
+    return not strides or max(strides) <= 2 * min(strides)
+
+
 def layer_layout(model: nn.Module, name: str, output: Tensor, x: Tensor) -> TokenLayout | None:
     """The token layout of a transformer layer's output (``None`` for a feature map
     ``(B, C, *spatial)``); a ``ValueError`` for an output that is neither."""
     layout = infer_layout(model, output, x)
-    if layout is None and output.ndim < 3:
+    if layout is None and not is_feature_map(output, x):
         raise ValueError(
-            f"layer {name!r} outputs shape {tuple(output.shape)}, not a feature map "
-            "(B, C, *spatial) nor the tokens of a patch grid; choose an earlier layer (see "
-            "`heatlens layers`)"
+            f"layer {name!r} outputs shape {tuple(output.shape)}, neither a feature map "
+            f"(B, C, *spatial) over the input's grid {tuple(x.shape[2:])} nor the tokens of a "
+            "patch grid; choose another layer (see `heatlens layers`)"
         )
     return layout
 

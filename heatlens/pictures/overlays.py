@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeAlias
@@ -181,8 +182,22 @@ def figure_grid(
         axes.imshow(to_rgb_array(panel))
         axes.set_axis_off()
         if titles is not None:
-            axes.set_title(titles[index])
+            axes.set_title(fitted_title(titles[index], panel_size))
     return figure
+
+
+def fitted_title(title: str, width: float) -> str:
+    """``title`` broken into lines that fit ``width`` inches at matplotlib's title size (about
+    ten characters an inch), between its ``" | "`` parts where it can, so that the titles of
+    neighbouring panels never run into each other."""
+    columns = max(12, int(width * 10))
+    lines: list[str] = []
+    for part in title.split(" | "):
+        if lines and len(lines[-1]) + 3 + len(part) <= columns:
+            lines[-1] += " | " + part
+        else:
+            lines.extend(textwrap.wrap(part, columns) or [""])
+    return "\n".join(lines)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
