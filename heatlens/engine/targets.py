@@ -89,7 +89,7 @@ def class_indices(index: ClassIndices | None, output: Tensor) -> Tensor:
             raise ValueError(
                 f"target=None means the arg-max class, which needs a (B, num_classes) output; "
                 f"this model returns shape {tuple(output.shape)}. Pass a target: a callable "
-                "mapping the output to B scores, or a target object from heatlens.targets"
+                "mapping the output to B scores, or a target object (heatlens.ClassRegion, ...)"
             )
         raise ValueError(
             f"a class index target needs a (B, num_classes) output; this model returns shape "

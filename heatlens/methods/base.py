@@ -93,7 +93,7 @@ class Explainer(ABC):
         Inputs are checked before any work, the model's buffers are restored afterwards when it
         is in training mode (batch-norm statistics do not move), and the call works from inside
         ``torch.inference_mode()`` (:func:`heatlens.engine.entry.entered`)."""
-        goal = target if isinstance(target, Target) else as_target(target, labels)
+        goal = as_target(target, labels)
         with entered(self.model, inputs, output=output) as x:
             return self._explain(x, goal)
 
