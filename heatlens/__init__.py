@@ -27,6 +27,8 @@ _PUBLIC = {
     "create_explainer": "heatlens.methods.registry",
     "list_methods": "heatlens.methods.registry",
     "candidate_layers": "heatlens.engine.layers",
+    # which map to trust
+    "evaluate": "heatlens.metrics.evaluate",
     # what to explain
     "Target": "heatlens.engine.targets",
     "ClassLogit": "heatlens.engine.targets",

@@ -1,4 +1,5 @@
-"""The ``heatlens`` command: explain images, find concepts, list methods and layers.
+"""The ``heatlens`` command: explain images, compare methods, find concepts, list methods and
+layers.
 
 ``heatlens explain`` with no arguments explains the packaged sample photo with the default model
 (EfficientNet-Lite0, ImageNet), offline. Bad input (a missing or unreadable file, an unknown
@@ -16,6 +17,7 @@ import warnings
 import click
 
 from heatlens import __version__
+from heatlens.cli.compare import compare
 from heatlens.cli.concepts import concepts
 from heatlens.cli.explain import explain
 from heatlens.cli.listing import layers, methods
@@ -38,5 +40,5 @@ def _one_line(message: Warning | str, category: type[Warning], *args: object,
     return f"Warning: {' '.join(str(message).split())}\n"
 
 
-for command in (explain, concepts, methods, layers):
+for command in (explain, compare, concepts, methods, layers):
     main.add_command(command)

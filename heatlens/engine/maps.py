@@ -8,6 +8,7 @@ torch, on the maps' device (``docs/design.md``, promises 5 to 7). :func:`per_cha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -92,3 +93,26 @@ def fuse_tanh_max(maps: Sequence[Tensor], gamma: float = 2.0) -> Tensor:
 
 
 FUSIONS = {"mean": fuse_mean, "tanh-max": fuse_tanh_max}
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Each channel blurred by a Gaussian of ``sigma`` pixels along every spatial dimension
+    (separable, edges replicated)."""
+    if sigma <= 0:
+        return x.clone()
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels, spatial = x.shape[1], x.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    out = x
+    for dim in range(spatial):
+        shape = [1] * spatial
+        shape[dim] = kernel.numel()
+        weight = kernel.reshape(1, 1, *shape).repeat(channels, 1, *[1] * spatial)
+        pad = [0, 0] * spatial
+        pad[2 * (spatial - 1 - dim)] = pad[2 * (spatial - 1 - dim) + 1] = radius
+        padded = F.pad(out, pad, mode="replicate")
+        out = conv(padded, weight, groups=channels)
+    return out

@@ -116,6 +116,20 @@ class Preset:
         tensors = torch.stack([self._normalize(F.pil_to_tensor(d)) for d in displays])
         return tensors, displays
 
+    def boxes(self, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Boxes ``(n, 4)`` as x1, y1, x2, y2 in the pixels of an upright image of
+        ``image_size`` ``(width, height)``, moved to the pixels of :meth:`display`'s crop (resized
+        and cropped by torchvision's own box transforms, clamped to the crop; a box outside the
+        crop becomes empty)."""
+        from torchvision import tv_tensors
+
+        width, height = image_size
+        boxed = tv_tensors.BoundingBoxes(torch.as_tensor(boxes, dtype=torch.float32),
+                                         format="XYXY", canvas_size=(height, width))
+        resized = F.resize(boxed, [self.resize],
+                           interpolation=InterpolationMode(self.interpolation), antialias=True)
+        return F.center_crop(resized, [self.crop]).as_subclass(Tensor)
+
     def unnormalize(self, batch: Tensor) -> Tensor:
         """Undo the normalisation of a ``(3, H, W)`` or ``(B, 3, H, W)`` tensor.
 

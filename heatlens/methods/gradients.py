@@ -3,7 +3,6 @@ Guided Grad-CAM and integrated gradients."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from heatlens.engine.budget import items_per_chunk, progress
 from heatlens.engine.layers import LayerSpec
-from heatlens.engine.maps import upsample
+from heatlens.engine.maps import gaussian_blur, upsample
 from heatlens.engine.targets import Target
 from heatlens.methods.attribution import AttributionExplainer, input_gradients
 from heatlens.methods.cam import GradCAM
@@ -251,26 +250,3 @@ class IntegratedGradients(AttributionExplainer):
         gain = end_scores[: x.shape[0]] - end_scores[x.shape[0] :]
         delta = attributions.flatten(1).sum(1) - gain
         return attributions, {"convergence_delta": delta, "baseline": base}
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Each channel blurred by a Gaussian of ``sigma`` pixels along every spatial dimension
-    (separable, edges replicated)."""
-    if sigma <= 0:
-        return x.clone()
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels, spatial = x.shape[1], x.ndim - 2
-    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
-    out = x
-    for dim in range(spatial):
-        shape = [1] * spatial
-        shape[dim] = kernel.numel()
-        weight = kernel.reshape(1, 1, *shape).repeat(channels, 1, *[1] * spatial)
-        pad = [0, 0] * spatial
-        pad[2 * (spatial - 1 - dim)] = pad[2 * (spatial - 1 - dim) + 1] = radius
-        padded = F.pad(out, pad, mode="replicate")
-        out = conv(padded, weight, groups=channels)
-    return out
