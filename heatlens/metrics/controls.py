@@ -26,7 +26,7 @@ def random_map(batch: int, size: Sequence[int], generator: torch.Generator | Non
 
     Seeded by ``generator`` (the same seed gives the same maps); the maps are on the generator's
     device, or ``device`` without one."""
-    height, width = _size(size)
+    height, width = image_size(size)
     if generator is not None:
         device = generator.device
     return torch.rand(_batch(batch), height, width, generator=generator, device=device)
@@ -40,7 +40,7 @@ def centred_gaussian(batch: int, size: Sequence[int], sigma: float = 0.25, *,
     fraction of the shorter side. The peak is the centre pixel, valued 1, where a side is odd;
     where it is even, the two central rows (or columns) share the maximum, just below 1. The same
     map for every image."""
-    height, width = _size(size)
+    height, width = image_size(size)
     if not sigma > 0:
         raise ValueError(f"sigma is a fraction of the shorter side and must be > 0, got {sigma}")
     s = sigma * min(height, width)
@@ -72,7 +72,8 @@ def edge_map(images: Tensor) -> Tensor:
     return torch.sqrt(gx**2 + gy**2)
 
 
-def _size(size: Sequence[int]) -> tuple[int, int]:
+def image_size(size: Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` as two positive ints; a one-line error otherwise."""
     try:
         height, width = (int(s) for s in size)
         valid = height > 0 and width > 0 and all(int(s) == s for s in size)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from heatlens.engine.maps import constant_maps, safe_divide
 from heatlens.engine.notices import warn
+from heatlens.metrics.controls import image_size
 
 BoxesLike = Tensor | Sequence[Any]
 """Boxes per image: one ``(B, 4)`` or ``(B, n, 4)`` tensor or array, or a list of ``B`` entries
@@ -58,7 +59,7 @@ def boxes_to_masks(boxes: BoxesLike, size: Sequence[int], *,
     inf, a box with ``x1 >= x2`` or ``y1 >= y2``, a box reaching outside the image (clip it
     first) and a box that covers no pixel centre.
     """
-    height, width = _size(size)
+    height, width = image_size(size)
     per_image = _boxes_per_image(boxes)
     if device is None:
         device = boxes.device if isinstance(boxes, Tensor) else "cpu"
@@ -254,18 +255,6 @@ def _checked(maps: Tensor, masks: Tensor, metric: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{metric}: mask {i} is empty (no object pixel), where the score is "
                          f"undefined: leave image {i} out, or check its box or segmentation")
     return maps, masks
-
-
-def _size(size: Sequence[int]) -> tuple[int, int]:
-    """``(H, W)`` as two positive ints."""
-    try:
-        height, width = (int(s) for s in size)
-        valid = height > 0 and width > 0 and all(int(s) == s for s in size)
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ValueError(f"size must be (H, W), two positive integers, got {size!r}")
-    return height, width
 
 
 def _boxes_per_image(boxes: BoxesLike) -> list[Tensor]:

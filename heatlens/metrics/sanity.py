@@ -346,17 +346,13 @@ def cascading_randomisation(model: nn.Module, inputs: Tensor, explain: Explain, 
     for name, group in zip(names, groups, strict=True):
         reinitialise(group, layer_seed(seed, name))
         steps.append(compare(name, original, _maps_of(explain, twin, x, classes, name)))
-    last = steps[-1]
-    signed, absolute = float(last.spearman.mean()), float(last.spearman_abs.mean())
-    passed = signed < threshold and absolute < threshold
-    verdict = ("below" if passed else "not below") + f" the threshold {threshold:g}"
+    passed, numbers = _verdict(steps[-1], threshold)
     meaning = ("the map depends on the learned weights" if passed else
                "the map survives the destruction of the model, so it does not explain the model")
     reason = (
         f"Cascading randomisation of {len(steps)} layers, top first: with every one "
         f"re-initialised, the mean Spearman rank correlation with the original maps is "
-        f"{signed:.2f} ({absolute:.2f} on absolute values, SSIM {float(last.ssim.mean()):.2f}), "
-        f"{verdict} (both must be): {meaning}."
+        f"{numbers}: {meaning}."
     )
     return SanityResult("cascading randomisation", steps, passed, threshold, reason)
 
@@ -409,15 +405,12 @@ def random_logit(model: nn.Module, inputs: Tensor, explain: Explain, classes: Te
     others = random_other_classes(classes, num_classes, seed)
     original = _maps_of(explain, twin, x, classes, "the classes given")
     step = compare("random logit", original, _maps_of(explain, twin, x, others, "random classes"))
-    signed, absolute = float(step.spearman.mean()), float(step.spearman_abs.mean())
-    passed = signed < threshold and absolute < threshold
-    verdict = ("below" if passed else "not below") + f" the threshold {threshold:g}"
+    passed, numbers = _verdict(step, threshold)
     meaning = ("the map depends on the class explained" if passed else
                "the map hardly depends on the class, so it does not say why this class")
     reason = (
         f"Random logit: the maps of a random other class have a mean Spearman rank correlation "
-        f"of {signed:.2f} with the maps of the classes given ({absolute:.2f} on absolute values, "
-        f"SSIM {float(step.ssim.mean()):.2f}), {verdict} (both must be): {meaning}."
+        f"with the maps of the classes given of {numbers}: {meaning}."
     )
     return SanityResult("random logit", [step], passed, threshold, reason, random_classes=others)
 
@@ -508,3 +501,13 @@ def _maps_of(explain: Explain, model: nn.Module, x: Tensor, classes: Tensor, whe
     if not bool(torch.isfinite(maps).all()):
         raise ValueError(f"explain returned maps holding NaN or infinite values for {when}")
     return maps.detach()
+
+
+def _verdict(step: RandomisationStep, threshold: float) -> tuple[bool, str]:
+    """Whether both mean rank correlations of ``step`` fall below ``threshold``, and the numbers
+    in words."""
+    signed, absolute = float(step.spearman.mean()), float(step.spearman_abs.mean())
+    passed = signed < threshold and absolute < threshold
+    verdict = ("below" if passed else "not below") + f" the threshold {threshold:g}"
+    return passed, (f"{signed:.2f} ({absolute:.2f} on absolute values, SSIM "
+                    f"{float(step.ssim.mean()):.2f}), {verdict} (both must be)")
