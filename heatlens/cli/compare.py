@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from heatlens.loading.models import LoadedModel
+    from heatlens.metrics.faithfulness import Protocol
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -40,6 +41,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
               show_default=True,
               help="rise: the RISE paper's deletion and insertion (224 pixels a step, blur "
                    "11/5).")
+@click.option("--step", type=float, default=0.01, show_default=True,
+              help="Deletion and insertion: pixels changed per step, a fraction (0.01: 100 "
+                   "steps) or a count (224); ignored with --protocol rise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images explained and scored together.")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -48,7 +52,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
               help="Folder for report.html, scores.csv and scores.parquet [default: "
                    "heatlens_compare, never overwriting: heatlens_compare-1, ...].")
 def compare(sources: tuple[Path, ...], spec: ModelSpec, methods: str, metrics: str,
-            boxes: Path | None, protocol: str, batch_size: int, seed: int,
+            boxes: Path | None, protocol: str, step: float, batch_size: int, seed: int,
             out: Path | None) -> None:
     """Rank METHODS on IMAGE(s) or the images of DIR(s) (default: a sample photo).
 
@@ -60,15 +64,17 @@ def compare(sources: tuple[Path, ...], spec: ModelSpec, methods: str, metrics: s
     """
     from heatlens.cli.explain import method_names
     from heatlens.metrics.evaluate import metric_names
+    from heatlens.metrics.faithfulness import RISE_PROTOCOL, heatlens_protocol
 
     with reported():
         names = method_names(methods)
         wanted = metric_names(metrics)
+        chosen = RISE_PROTOCOL if protocol == "rise" else heatlens_protocol(step=step)
         paths, roots = _images(sources)
         objects = None if boxes is None else _read_boxes(boxes, paths, roots)
     folder = _folder(out)
     with reported():
-        _run(spec, paths, roots, objects, names, wanted, protocol, batch_size, seed, folder)
+        _run(spec, paths, roots, objects, names, wanted, chosen, batch_size, seed, folder)
 
 
 def _images(sources: tuple[Path, ...]) -> tuple[list[Path], dict[Path, Path]]:
@@ -170,7 +176,7 @@ def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
 
 def _run(spec: ModelSpec, paths: list[Path], roots: dict[Path, Path],
          objects: dict[Path, list[list[float]]] | None, methods: list[str], metrics: list[str],
-         protocol: str, batch_size: int, seed: int, folder: Path) -> None:
+         protocol: Protocol, batch_size: int, seed: int, folder: Path) -> None:
     import torch
 
     from heatlens.api import explain

@@ -14,11 +14,11 @@ from PIL import Image
 from heatlens.metrics.report import HIGHER_IS_BETTER, Report
 
 _CURVE_TITLES = {
-    "deletion": "Deletion (most relevant first): lower is more faithful",
-    "deletion_lerf": "Deletion (least relevant first): higher is more faithful",
-    "insertion": "Insertion (most relevant first): higher is more faithful",
-    "road_morf": "ROAD, most relevant removed and imputed: lower is more faithful",
-    "road_lerf": "ROAD, least relevant removed and imputed: higher is more faithful",
+    "deletion": "Deletion, most relevant first\n(lower is more faithful)",
+    "deletion_lerf": "Deletion, least relevant first\n(higher is more faithful)",
+    "insertion": "Insertion, most relevant first\n(higher is more faithful)",
+    "road_morf": "ROAD, most relevant removed, imputed\n(lower is more faithful)",
+    "road_lerf": "ROAD, least relevant removed, imputed\n(higher is more faithful)",
 }
 
 _STYLE = """
