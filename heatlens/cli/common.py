@@ -38,7 +38,7 @@ def reported() -> Iterator[None]:
     """Turn the errors that bad input raises into a one-line ``Error: ...`` and exit code 1."""
     try:
         yield
-    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as exc:
         raise click.ClickException(" ".join(str(exc).split()) or type(exc).__name__) from exc
 
 

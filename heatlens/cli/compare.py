@@ -63,13 +63,14 @@ def compare(sources: tuple[Path, ...], spec: ModelSpec, methods: str, metrics: s
     method as CSV and Parquet.
     """
     from heatlens.cli.explain import method_names
-    from heatlens.metrics.evaluate import metric_names
+    from heatlens.metrics.evaluate import metric_names, needs_extra
     from heatlens.metrics.faithfulness import RISE_PROTOCOL, heatlens_protocol
 
     with reported():
         names = method_names(methods)
         wanted = metric_names(metrics)
         chosen = RISE_PROTOCOL if protocol == "rise" else heatlens_protocol(step=step)
+        needs_extra("pyarrow", "compare writes scores.parquet")
         paths, roots = _images(sources)
         objects = None if boxes is None else _read_boxes(boxes, paths, roots)
     folder = _folder(out)

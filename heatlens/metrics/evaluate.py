@@ -4,6 +4,7 @@ the model-blind controls beside them."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,6 +104,8 @@ def evaluate(model: nn.Module, inputs: Tensor, explanations: ExplanationsLike,
     if any(n in _LOCALISATION for n in names) and boxes is None and masks is None:
         raise ValueError(f"{', '.join(n for n in names if n in _LOCALISATION)} need the "
                          "objects: pass boxes= (x1, y1, x2, y2 per image) or masks=")
+    if "sanity" in names:
+        needs_extra("torchmetrics", "the sanity checks' SSIM")
     run = {"memory_budget": budget_bytes(memory_budget), "show_progress": show_progress}
     model = model_to_explain(model)
     with entered(model, inputs, output=output) as x:
@@ -133,6 +136,13 @@ def evaluate(model: nn.Module, inputs: Tensor, explanations: ExplanationsLike,
     ordered = {metric: scores[metric] for metric in names if metric in scores}
     return Report(ordered, curves, list(sources), control_names, classes.detach().cpu(),
                   sanity, chosen_protocol.description, notes, seed)
+
+
+def needs_extra(module: str, what: str) -> None:
+    """A one-line error, before the work, when an optional library of the ``metrics`` extra is
+    missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{what} needs {module}: pip install 'heatlens[metrics]'")
 
 
 def _protocol(protocol: str | faithfulness.Protocol) -> faithfulness.Protocol:
