@@ -111,3 +111,31 @@ def test_the_class_is_the_one_the_explanations_explained(trained, held_out):  # 
     report = evaluate(model, inputs[:2], cam, "drop", controls=())
     assert report.classes.tolist() == other.tolist()
     assert torch.isfinite(report.scores["average_drop"]["gradcam"]).all()
+
+
+@pytest.mark.filterwarnings("ignore:the map of image")  # a destroyed model may show no evidence
+def test_cascading_randomisation_on_a_real_imagenet_model(mobilenet_v2_imagenet, imagenet_photos):
+    """MobileNetV2 with its ImageNet weights, on two photos: with every layer re-initialised
+    (in five blocks, top first), Grad-CAM's rank correlation with its original map falls below
+    the threshold, while the edge-map control, which ignores the model, stays at 1 at every
+    step."""
+    from heatlens.metrics.controls import edge_map
+    from heatlens.metrics.sanity import cascading_randomisation
+
+    x = imagenet_photos[:2]
+    classes = heatlens.explain(mobilenet_v2_imagenet, x, "gradcam").targets
+    blocks = ["classifier", "features.18", "features.14", "features.7", "features"]
+    before = snapshot(mobilenet_v2_imagenet)
+    cam = cascading_randomisation(
+        mobilenet_v2_imagenet, x,
+        lambda model, inputs, c: heatlens.explain(model, inputs, "gradcam", target=c,
+                                                  layer="features.18").maps, classes,
+        layers=blocks)
+    edges = cascading_randomisation(mobilenet_v2_imagenet, x,
+                                    lambda model, inputs, c: edge_map(inputs), classes,
+                                    layers=blocks)
+    assert_same_state(before, snapshot(mobilenet_v2_imagenet))
+    assert cam.passed and not edges.passed
+    assert len(cam.steps) == len(blocks)
+    assert float(cam.steps[-1].spearman.mean()) < 0.5
+    assert all(float(step.spearman.mean()) > 0.999 for step in edges.steps)

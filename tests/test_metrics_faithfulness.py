@@ -316,3 +316,12 @@ def test_gradcam_is_more_faithful_than_its_reversed_order(network, mobilenet_v2_
                                                  mode="insertion", order="lerf", **run)
     assert bool((deletion.auc() < reversed_deletion.auc()).all())
     assert bool((insertion.auc() > reversed_insertion.auc()).all())
+
+
+def test_the_rise_protocol_says_so_in_the_report(tiny):
+    report = evaluate(tiny, X, MAPS, "deletion", target=CLASSES, protocol="rise", controls=(),
+                      memory_budget=BUDGET)
+    assert report.protocol.startswith("RISE's settings (Petsiuk et al., BMVC 2018): 224 pixels")
+    assert "protocol: RISE's settings" in report.table()
+    x, _ = report.curves["deletion"]["maps"]
+    assert x.shape == (2,)  # 144 pixels: one step of 224

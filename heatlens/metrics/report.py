@@ -122,7 +122,8 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         verdicts = [f"sanity, {source}: {r.reason}" for source, results in self.sanity.items()
                     for r in results]
-        return "\n".join([*lines, *verdicts, *self.notes])
+        protocol = [f"protocol: {self.protocol}"] if self.protocol else []
+        return "\n".join([*lines, *protocol, *verdicts, *self.notes])
 
     def rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """One row per image and source: ``image`` (its index, or ``names[i]``), ``source``,
