@@ -29,6 +29,10 @@ _PUBLIC = {
     "candidate_layers": "heatlens.engine.layers",
     # which map to trust
     "evaluate": "heatlens.metrics.evaluate",
+    # whole data sets
+    "explain_dataset": "heatlens.datasets.runner",
+    "load_run": "heatlens.datasets.results",
+    "Run": "heatlens.datasets.results",
     # what to explain
     "Target": "heatlens.engine.targets",
     "ClassLogit": "heatlens.engine.targets",

@@ -1,5 +1,5 @@
-"""The ``heatlens`` command: explain images, compare methods, find concepts, list methods and
-layers.
+"""The ``heatlens`` command: explain images or a whole folder, compare methods, find concepts,
+list methods and layers.
 
 ``heatlens explain`` with no arguments explains the packaged sample photo with the default model
 (EfficientNet-Lite0, ImageNet), offline. Bad input (a missing or unreadable file, an unknown
@@ -19,6 +19,7 @@ import click
 from heatlens import __version__
 from heatlens.cli.compare import compare
 from heatlens.cli.concepts import concepts
+from heatlens.cli.dataset import explain_dir
 from heatlens.cli.explain import explain
 from heatlens.cli.listing import layers, methods
 
@@ -40,5 +41,5 @@ def _one_line(message: Warning | str, category: type[Warning], *args: object,
     return f"Warning: {' '.join(str(message).split())}\n"
 
 
-for command in (explain, compare, concepts, methods, layers):
+for command in (explain, explain_dir, compare, concepts, methods, layers):
     main.add_command(command)

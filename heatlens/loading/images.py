@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-__all__ = ["load_image", "sample_image_path", "upright_rgb"]
+__all__ = ["ImageError", "load_image", "sample_image_path", "upright_rgb"]
 
 DEFAULT_MAX_PIXELS = 89_478_485
 """Default ``max_pixels`` of :func:`load_image`: Pillow's default limit, about 0.25 GiB of RGBA."""
@@ -32,6 +32,15 @@ _FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I
 
 # Serialises the rare moments in which Pillow's global limit is lifted (see _pillow_limit_lifted).
 _PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an image; ``kind`` says why in a word or two:
+    ``"not an image"``, ``"truncated"`` (damaged or cut short) or ``"too many pixels"``."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def sample_image_path() -> Path:
@@ -71,8 +80,9 @@ def load_image(
 
     Raises:
         FileNotFoundError: If ``source`` is a path to no file.
-        ValueError: If the file is not an image Pillow can read, cannot be decoded, or has more
-            than ``max_pixels`` pixels; or if ``max_pixels`` is not positive.
+        ImageError: (a ``ValueError``) If the file is not an image Pillow can read, cannot be
+            decoded, or has more than ``max_pixels`` pixels.
+        ValueError: If ``max_pixels`` is not positive.
         TypeError: If ``source`` is neither a path nor a PIL image.
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
@@ -104,7 +114,7 @@ def load_image(
                 return upright_rgb(image)
         except (OSError, SyntaxError) as exc:  # Pillow's errors for truncated or corrupt data
             msg = f"{path} could not be decoded: the file is damaged or truncated ({exc})"
-            raise ValueError(msg) from exc
+            raise ImageError(msg, "truncated") from exc
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
@@ -151,7 +161,7 @@ def _check_size(size: tuple[int, int], max_pixels: int, what: str) -> None:
             f"{max_pixels:,} pixels (a guard against decompression bombs); if you trust the "
             f"file, pass a larger limit: load_image(..., max_pixels={width * height})"
         )
-        raise ValueError(msg)
+        raise ImageError(msg, "too many pixels")
 
 
 @contextmanager
@@ -172,7 +182,7 @@ def _open_header(path: Path) -> Iterator[ImageFile.ImageFile]:
         raise
     except (OSError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
         msg = f"{path} is not an image Pillow can read ({exc})"
-        raise ValueError(msg) from exc
+        raise ImageError(msg, "not an image") from exc
     with image:
         yield image
 

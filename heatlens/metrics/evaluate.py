@@ -138,11 +138,11 @@ def evaluate(model: nn.Module, inputs: Tensor, explanations: ExplanationsLike,
                   sanity, chosen_protocol.description, notes, seed)
 
 
-def needs_extra(module: str, what: str) -> None:
-    """A one-line error, before the work, when an optional library of the ``metrics`` extra is
+def needs_extra(module: str, what: str, extra: str = "metrics") -> None:
+    """A one-line error, before the work, when an optional library of heatlens' ``extra`` is
     missing."""
     if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{what} needs {module}: pip install 'heatlens[metrics]'")
+        raise ImportError(f"{what} needs {module}: pip install 'heatlens[{extra}]'")
 
 
 def _protocol(protocol: str | faithfulness.Protocol) -> faithfulness.Protocol:
