@@ -199,11 +199,17 @@ def test_a_list_with_labels_and_label_targets(mobilenet_v2_imagenet, folder, lab
 
 def test_a_torch_dataset_of_tensors_with_labels(mobilenet_v2_imagenet, imagenet_photos,
                                                 tmp_path):
-    dataset = torch.utils.data.TensorDataset(imagenet_photos[:3], torch.tensor([285, 967, 1]))
+    """Tensors are used as they are; a NaN image is listed as an error, not the run's end."""
+    spoiled = imagenet_photos[1].clone()
+    spoiled[0, 5, 5] = float("nan")
+    images = torch.cat([imagenet_photos[:3], spoiled[None]])
+    dataset = torch.utils.data.TensorDataset(images, torch.tensor([285, 967, 1, 3]))
     found = _run(mobilenet_v2_imagenet, dataset, tmp_path / "run", target="label")
     rows = found.index.to_pylist()
     assert [r["path"] for r in rows] == ["0", "1", "2"]
     assert [r["target"] for r in rows] == [285, 967, 1]
+    assert found.errors == [{"path": "3", "kind": "not finite",
+                             "reason": "Dataset item 3 holds NaN or infinite values"}]
     e = heatlens.explain(mobilenet_v2_imagenet, imagenet_photos[:3], target=[285, 967, 1])
     for i in range(3):
         np.testing.assert_allclose(found.map(i), e.raw[i].numpy(),

@@ -95,6 +95,9 @@ class Reader(Dataset[Loaded]):
                             f"{tuple(image.shape) if isinstance(image, Tensor) else ''}; "
                             "yield a PIL image or a float (C, H, W) tensor")
         tensor = image.detach().cpu().contiguous()
+        if not torch.isfinite(tensor).all():
+            raise ImageError(f"Dataset item {item.position} holds NaN or infinite values",
+                             "not finite")
         sha = hashlib.sha256(tensor.numpy().tobytes() + repr(tuple(tensor.shape)).encode())
         display = None
         if self.displays:
