@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -40,7 +41,8 @@ from heatlens.cli.common import ModelSpec, model_options, reported
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Larger images are listed in errors.csv [default: 89,478,485].")
 @click.option("--chunk-images", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Images per chunk file: the most a killed run can lose.")
+              help="Images per chunk file (one is also written every minute): the most a "
+                   "killed run can lose.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The metrics' seed.")
 def explain_dir(source: Path, spec: ModelSpec, out: Path, methods: str, target: str,
                 layer: str, metrics: str, batch_size: int, workers: int, overlays: bool,
@@ -71,6 +73,7 @@ def explain_dir(source: Path, spec: ModelSpec, out: Path, methods: str, target: 
             raise FileNotFoundError(f"no folder or list of images at {source}")
         loaded = spec.load()
     click.echo(f"model: {loaded.name}")
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: keep the finished batches
     try:
         with reported():
             run = explain_dataset(
@@ -86,3 +89,8 @@ def explain_dir(source: Path, spec: ModelSpec, out: Path, methods: str, target: 
     images = len(set(run.index.column("path").to_pylist()))
     click.echo(f"{images} images explained with {', '.join(names)} in {out} "
                f"({len(run.errors)} could not be used: {out / 'errors.csv'})")
+
+
+def _interrupt(number: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: the run writes the batches it has finished, then stops."""
+    raise KeyboardInterrupt

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from heatlens.metrics.evaluate import metric_names, needs_extra
 ENGINES = ("local", "ray")
 CHUNK_IMAGES = 256
 """Images per chunk file: what a killed run can lose at most."""
+CHUNK_SECONDS = 60.0
+"""A chunk is also written once this long has passed since the last (slow methods, metrics)."""
 
 
 def explain_dataset(model: nn.Module, source: SourceLike, out: str | Path,
@@ -76,7 +79,7 @@ def explain_dataset(model: nn.Module, source: SourceLike, out: str | Path,
         ray_address: a Ray cluster to join; ``None`` starts a local Ray.
         seed: the metrics' seed.
         max_pixels: larger images are listed in ``errors.csv`` (decompression bombs).
-        chunk_images: images per chunk file.
+        chunk_images: images per chunk file (a chunk is also written every minute).
         show_progress: a progress bar (``None``: when standard error is a terminal).
         model_name: how ``run.json`` names the model.
 
@@ -258,7 +261,7 @@ def _write_all(plan: Plan, results: Iterable[Explained], overlays: bool,
                 pending.add(explained, overlays)
                 bar.update(len(explained.loaded))
                 bar.set_postfix(errors=len(pending.errors_seen), refresh=False)
-                if pending.images >= plan.chunk_images:
+                if pending.images >= plan.chunk_images or pending.age() >= CHUNK_SECONDS:
                     pending.flush()
     finally:
         pending.flush()
@@ -276,6 +279,11 @@ class Pending:
         self.errors_seen: set[str] = set()
         self.taken: tuple[int, int, dict[str, int]] = (0, 0, {})
         self.whole = True
+        self.since = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since the last chunk was written."""
+        return time.monotonic() - self.since
 
     def add(self, explained: Explained, overlays: bool) -> None:
         """Take one batch: rows completed with each image's file fields, maps, errors. Only
@@ -345,4 +353,4 @@ class Pending:
             arrays = {m: torch.cat(v).cpu().numpy() for m, v in self.maps.items()}
             self.plan.folder.write(self.rows, arrays, self.errors)
         self.rows, self.maps, self.errors, self.images = [], {}, [], 0
-        self.taken, self.whole = (0, 0, {}), True
+        self.taken, self.whole, self.since = (0, 0, {}), True, time.monotonic()

@@ -55,7 +55,7 @@ def write_summary(run: Run, path: Path) -> Path | None:
                      run.index.column("predicted_name").to_pylist(), strict=True))
     columns = min(4, len(means))
     rows = -(-len(means) // columns)
-    figure = Figure(figsize=(2.6 * columns, 2.8 * rows + 0.4))
+    figure = Figure(figsize=(2.6 * columns, 3.0 * rows + 0.4), layout="constrained")
     for i, (cls, (mean, count)) in enumerate(means.items()):
         axes = figure.add_subplot(rows, columns, i + 1)
         axes.imshow(mean, cmap="jet", vmin=0, vmax=1)
@@ -63,7 +63,6 @@ def write_summary(run: Run, path: Path) -> Path | None:
                        f"{'s' if count > 1 else ''}", fontsize=9)
         axes.set_axis_off()
     figure.suptitle(f"mean {method} map per predicted class", fontsize=11)
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     atomic_write(path, buffer.getvalue())
