@@ -33,6 +33,9 @@ _PUBLIC = {
     "explain_dataset": "heatlens.datasets.runner",
     "load_run": "heatlens.datasets.results",
     "Run": "heatlens.datasets.results",
+    # shortcuts
+    "audit": "heatlens.audit.run",
+    "AuditReport": "heatlens.audit.report",
     # what to explain
     "Target": "heatlens.engine.targets",
     "ClassLogit": "heatlens.engine.targets",

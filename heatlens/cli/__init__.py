@@ -17,6 +17,7 @@ import warnings
 import click
 
 from heatlens import __version__
+from heatlens.cli.audit import audit
 from heatlens.cli.compare import compare
 from heatlens.cli.concepts import concepts
 from heatlens.cli.dataset import explain_dir
@@ -41,5 +42,5 @@ def _one_line(message: Warning | str, category: type[Warning], *args: object,
     return f"Warning: {' '.join(str(message).split())}\n"
 
 
-for command in (explain, explain_dir, compare, concepts, methods, layers):
+for command in (explain, explain_dir, compare, audit, concepts, methods, layers):
     main.add_command(command)

@@ -4,7 +4,6 @@ with boxes), beside model-blind controls; a table, an HTML report, CSV and Parqu
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,38 +109,15 @@ def _name(path: Path, roots: dict[Path, Path]) -> str:
 def _read_boxes(file: Path, paths: list[Path], roots: dict[Path, Path]
                 ) -> dict[Path, list[list[float]]]:
     """Boxes by image path from a CSV or JSON file (see the --boxes help)."""
-    if not file.is_file():
-        raise FileNotFoundError(f"no boxes file at {file}")
-    entries: list[tuple[str, list[float]]] = []
-    if file.suffix.lower() == ".json":
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"the boxes file {file} is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"the boxes file {file} must hold an object {{path: [[x1, y1, x2, "
-                             "y2], ...]}}")
-        entries = [(str(k), list(map(float, box))) for k, boxes in data.items() for box in boxes]
-    else:
-        with file.open(newline="", encoding="utf-8") as handle:
-            for number, row in enumerate(csv.reader(handle), start=1):
-                if not row or (number == 1 and row[0].strip().lower() == "path"):
-                    continue
-                if len(row) != 5:
-                    raise ValueError(f"line {number} of {file} has {len(row)} fields; write "
-                                     "path,x1,y1,x2,y2")
-                try:
-                    entries.append((row[0].strip(), [float(v) for v in row[1:]]))
-                except ValueError:
-                    raise ValueError(f"line {number} of {file}: the coordinates are not "
-                                     "numbers") from None
+    from heatlens.loading.objects import read_boxes
+
     by_name = {_name(p, roots): p for p in paths} | {str(p): p for p in paths}
     found: dict[Path, list[list[float]]] = {}
-    for name, box in entries:
+    for name, boxes in read_boxes(file).items():
         if name not in by_name:
             raise ValueError(f"the boxes file {file} names {name!r}, which is not among the "
                              "images compared")
-        found.setdefault(by_name[name], []).append(box)
+        found.setdefault(by_name[name], []).extend(boxes)
     missing = [_name(p, roots) for p in paths if p not in found]
     if missing:
         raise ValueError(f"the boxes file {file} has no box for {missing[0]}"

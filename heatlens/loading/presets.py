@@ -130,6 +130,14 @@ class Preset:
                            interpolation=InterpolationMode(self.interpolation), antialias=True)
         return F.center_crop(resized, [self.crop]).as_subclass(Tensor)
 
+    def mask(self, mask: Tensor) -> Tensor:
+        """An object mask ``(H, W)`` bool in the pixels of the upright image, moved to the pixels
+        of :meth:`display`'s crop (resized with nearest-neighbour sampling, then cropped), so it
+        lies on the model's input as the object does."""
+        resized = F.resize(torch.as_tensor(mask)[None].to(torch.uint8), [self.resize],
+                           interpolation=InterpolationMode.NEAREST)
+        return F.center_crop(resized, [self.crop])[0].bool()
+
     def unnormalize(self, batch: Tensor) -> Tensor:
         """Undo the normalisation of a ``(3, H, W)`` or ``(B, 3, H, W)`` tensor.
 

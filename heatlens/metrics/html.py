@@ -21,7 +21,7 @@ _CURVE_TITLES = {
     "road_lerf": "ROAD, least relevant removed, imputed\n(higher is more faithful)",
 }
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
@@ -34,7 +34,8 @@ img { max-width: 100%; }
 """
 
 
-def _png(image: Image.Image) -> str:
+def png_data_url(image: Image.Image) -> str:
+    """A picture as a `data:` URL, to embed in a page."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -111,12 +112,13 @@ def write_html(report: Report, path: str | Path, *, title: str, panels: Sequence
     if panels:
         sections.append("<h2>Maps</h2>")
         for name, pictures in panels:
-            figures = "".join(f'<figure><img src="{_png(picture)}" alt="{html.escape(caption)}">'
+            figures = "".join(f'<figure><img src="{png_data_url(picture)}" '
+                              f'alt="{html.escape(caption)}">'
                               f"<figcaption>{html.escape(caption)}</figcaption></figure>"
                               for caption, picture in pictures)
             sections.append(f"<h3>{html.escape(name)}</h3><div>{figures}</div>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>")
+            f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
     target = Path(path)
     target.write_text(page, encoding="utf-8")
     return target

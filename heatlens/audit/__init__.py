@@ -1,0 +1,1 @@
+"""The shortcut audit: is the model looking at the object or at the background?"""
