@@ -205,3 +205,29 @@ def test_bad_input_goes_into_the_report_not_a_crash(watermarked, tmp_path):
     report = _audit(model, images, masks=wrong)
     assert "a mask must have the image's size" in " ".join(report.problems)
     assert len(report.images) == 60
+
+
+def test_the_command_writes_the_report(watermarked, tmp_path):
+    """`heatlens audit` with a pickled model and a JSON boxes file: the verdict printed, the
+    report and the Parquet rows written (the command's own preset: ImageNet's 256/224)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from heatlens.cli import main
+
+    images, _, boxes = watermarked
+    model_file = tmp_path / "model.pt"
+    torch.save(_train("watermark", 0), model_file)
+    boxes_file = tmp_path / "boxes.json"
+    boxes_file.write_text(json.dumps(boxes))
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(main, ["audit", str(images), "--model", str(model_file),
+                                       "--trust-pickle", "--boxes", str(boxes_file),
+                                       "--workers", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("audited 60 images in ")
+    assert (out / "report.html").is_file() and (out / "classes.parquet").is_file()
+    refused = CliRunner().invoke(main, ["audit", str(images), "--boxes", str(boxes_file),
+                                        "--masks", str(images)])
+    assert refused.exit_code == 1 and "give boxes or masks, not both" in refused.output

@@ -37,6 +37,10 @@ def audit(source: Path, spec: ModelSpec, boxes: Path | None, masks: Path | None,
 
     with reported():
         name = method_names(method)[0]
+        if boxes is not None and masks is not None:
+            raise ValueError("give boxes or masks, not both")
+        if not source.exists():
+            raise FileNotFoundError(f"no folder or list of images at {source}")
         if out.exists() and not out.is_dir():
             raise ValueError(f"cannot write the report into {out}: it is a file; name a folder")
         loaded = spec.load()
