@@ -34,8 +34,8 @@ _PUBLIC = {
     "load_run": "heatlens.datasets.results",
     "Run": "heatlens.datasets.results",
     # shortcuts
-    "audit": "heatlens.audit.run",
-    "AuditReport": "heatlens.audit.report",
+    "audit": "heatlens.shortcuts.run",
+    "AuditReport": "heatlens.shortcuts.report",
     # what to explain
     "Target": "heatlens.engine.targets",
     "ClassLogit": "heatlens.engine.targets",

@@ -63,6 +63,12 @@ def _command(photos: Path, out: Path) -> list[str]:
             str(MAX_PIXELS)]
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action. A shell's background job (CI started with ``&``)
+    ignores SIGINT, its children inherit that, and Python then sets no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -97,16 +103,19 @@ def test_the_whole_folder_is_explained_and_the_broken_files_listed(whole, photos
 def test_an_interrupted_run_resumes_to_the_same_index(whole, photos, tmp_path, stop):
     out = tmp_path / "run"
     process = subprocess.Popen(_command(photos, out), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=_environment())
+                               stderr=subprocess.PIPE, text=True, env=_environment(),
+                               preexec_fn=_default_sigint)
     deadline = time.monotonic() + 600
     while len(list((out / "parts").glob("rows-*.parquet"))) < 3:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(stop)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
     if stop == signal.SIGINT:
-        assert process.returncode == 130 and "run the same command again" in stderr
+        assert process.returncode == 130, (stdout, stderr)
+        assert "run the same command again" in stderr
         kept = heatlens.load_run(out)
         assert 0 < len(kept) < 300  # whole chunks, gathered into index.parquet
         import pyarrow.parquet as pq

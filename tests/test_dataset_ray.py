@@ -1,8 +1,8 @@
 """The Ray engine of ``heatlens.explain_dataset`` writes the run the local engine writes: the same
 index rows, maps, errors and overlays for a folder of real photos, also when it resumes a run.
 
-One local Ray (2 CPUs, no dashboard) serves the module; a small seeded CNN on 64-pixel inputs
-keeps each run to seconds.
+One local Ray (2 CPUs, no dashboard) serves the module; MobileNetV2 (ImageNet weights) on
+64-pixel inputs keeps each run to seconds.
 """
 
 from __future__ import annotations
@@ -54,18 +54,17 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model() -> nn.Module:
-    from torchvision.models import mobilenet_v3_small
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return mobilenet_v3_small(num_classes=3).eval()
+def model(mobilenet_v2_imagenet: nn.Module) -> nn.Module:
+    """MobileNetV2 with its ImageNet weights: real scores (a randomly initialised network's are
+    about 1e-11, where the two engines' float rounding is all there is to compare)."""
+    return mobilenet_v2_imagenet
 
 
 @pytest.fixture(scope="module")
 def ray_started() -> Iterator[Any]:
     """One local Ray for the module: the engine uses it as it is and leaves it running."""
-    ray = pytest.importorskip("ray")
+    import ray  # a test dependency: missing, the module fails loudly
+
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
@@ -162,9 +161,9 @@ def test_ray_engine_resumes_without_explaining_twice(
         "rows-*.parquet"))]
     assert sum(len(rows) for rows in written) == len(run)  # no image written twice
     assert {row["path"] for row in written[-1]} == everything - first
-    ignored = (*IGNORED, "map_key")  # chunks hold other images
-    assert all(same(row, want) for row, want in zip(
-        rows_of(run, ignored), rows_of(local_run, ignored), strict=True))
+    discrete = ("path", "sha256", "label", "predicted", "target", "method", "layer")
+    assert [[row[k] for k in discrete] for row in run.index.to_pylist()] == [
+        [row[k] for k in discrete] for row in local_run.index.to_pylist()]
     # The resumed batches hold other images than a whole run's (the skipped ones are left
     # out), so the maps are compared with the local engine's run resumed in the same steps.
     explain_here(model, photos, tmp_path / "local", shard_of=(1, 2))

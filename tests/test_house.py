@@ -204,3 +204,16 @@ def test_smoothgrad_is_the_mean_saliency_over_seeded_noise(resnet18_seeded):
     assert result.method == "smoothgrad" and tunnel.method == "saliency+smoothgrad"
     torch.testing.assert_close(result.attributions, expected, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(result.attributions, tunnel.attributions)
+
+
+def test_no_public_name_is_hidden_by_a_subpackage():
+    """Importing ``heatlens.x.y`` sets ``heatlens.x`` to the package ``x``: a public function
+    of that name would be hidden once anything imported the package."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(heatlens.__file__).parent
+    packages = {p.parent.name for p in root.glob("*/__init__.py")}
+    assert not packages & set(heatlens.__all__)
+    importlib.import_module("heatlens.shortcuts.clusters")
+    assert callable(heatlens.audit)

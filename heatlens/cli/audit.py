@@ -32,8 +32,8 @@ def audit(source: Path, spec: ModelSpec, boxes: Path | None, masks: Path | None,
     relevance in the border band and its corners, on the object (with --boxes or --masks),
     the class's probability with the object removed, and the maps of each class clustered
     (SpRAy). Prints the verdict and writes an HTML report with pictures and Parquet rows."""
-    from heatlens.audit.run import audit as run_audit
     from heatlens.cli.explain import method_names
+    from heatlens.shortcuts.run import audit as run_audit
 
     with reported():
         name = method_names(method)[0]

@@ -1,4 +1,4 @@
-"""SpRAy (heatlens.audit.clusters): each step against its equation written out here, the whole
+"""SpRAy (heatlens.shortcuts.clusters): each step against its equation written out here, the whole
 analysis on synthetic maps of known structure, and agreement with scikit-learn's k-means and
 spectral clustering where they compute the same thing."""
 
@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from heatlens.audit.clusters import (
+from heatlens.shortcuts.clusters import (
     Clusters,
     choose_k,
     downsample,

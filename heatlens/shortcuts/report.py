@@ -38,7 +38,7 @@ class AuditReport:
             object_area, p_without_object, p_object_only (masks: correct_same,
             correct_other); cluster, flagged and reason.
         classes: one dict per class, flagged first, then by the share of relevance off the
-            object (see :mod:`heatlens.audit.verdict`), each with its ``reasons``.
+            object (see :mod:`heatlens.shortcuts.verdict`), each with its ``reasons``.
         clusters: per class name, its SpRAy clusters.
         flagged_classes: the names of the flagged classes, worst first.
         flagged_images: ``{"path", "class_name", "reason"}`` of each flagged image, worst first.

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from heatlens.audit.measures import BAND, PLACES
 from heatlens.metrics.report import bootstrap_interval
+from heatlens.shortcuts.measures import BAND, PLACES
 
 BORDER = 0.5
 PLACE = 4.0
@@ -117,5 +117,5 @@ def image_reason(row: dict[str, Any]) -> str | None:
 
 
 def place_name(index: int) -> str:
-    """The name of a place of :data:`heatlens.audit.measures.PLACES`."""
+    """The name of a place of :data:`heatlens.shortcuts.measures.PLACES`."""
     return PLACES[index]

@@ -2,10 +2,10 @@
 
 One pass over the images (read and decoded in DataLoader workers, as a data-set run does:
 :mod:`heatlens.datasets.reading`): each is explained once, its map measured
-(:mod:`heatlens.audit.measures`) and, where its object is known, edited and scored again
-(:mod:`heatlens.audit.interventions`). With masks a second pass pastes each object on another
-image's background. Then each class's maps are clustered (SpRAy, :mod:`heatlens.audit.clusters`)
-and judged (:mod:`heatlens.audit.verdict`).
+(:mod:`heatlens.shortcuts.measures`) and, where its object is known, edited and scored again
+(:mod:`heatlens.shortcuts.interventions`). With masks a second pass pastes each object on another
+image's background. Then each class's maps are clustered (SpRAy, :mod:`heatlens.shortcuts.clusters`)
+and judged (:mod:`heatlens.shortcuts.verdict`).
 
 Problems with the input (boxes naming no image, a mask of the wrong size, an empty box, a
 class with too few images to cluster, an unreadable file) are written into the report and the
@@ -25,11 +25,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from heatlens.audit import interventions
-from heatlens.audit.clusters import spray
-from heatlens.audit.measures import BAND, border, on_object
-from heatlens.audit.report import AuditReport, ClusterSummary
-from heatlens.audit.verdict import AREAS, PLACE, class_row, image_reason, place_name
 from heatlens.datasets.reading import Loaded, Reader, batches
 from heatlens.datasets.sources import Source, SourceLike, open_source
 from heatlens.engine.budget import DEFAULT_BUDGET, progress
@@ -40,6 +35,11 @@ from heatlens.loading.objects import mask_path, read_boxes, read_mask
 from heatlens.loading.presets import IMAGENET, Preset
 from heatlens.methods.registry import canonical_name, create_explainer
 from heatlens.metrics.localisation import boxes_to_masks
+from heatlens.shortcuts import interventions
+from heatlens.shortcuts.clusters import spray
+from heatlens.shortcuts.measures import BAND, border, on_object
+from heatlens.shortcuts.report import AuditReport, ClusterSummary
+from heatlens.shortcuts.verdict import AREAS, PLACE, class_row, image_reason, place_name
 
 THUMBNAIL = 64
 """Side of the pictures kept per image for the report."""
@@ -80,7 +80,7 @@ def audit(model: nn.Module, source: SourceLike, boxes: BoxesSource | None = None
         show_progress: a progress bar (``None``: on a terminal).
 
     Returns:
-        An :class:`~heatlens.audit.report.AuditReport`.
+        An :class:`~heatlens.shortcuts.report.AuditReport`.
     """
     if boxes is not None and masks is not None:
         raise ValueError("give boxes or masks, not both")
@@ -246,7 +246,7 @@ def _thumbnail(display: np.ndarray | None) -> np.ndarray:
 
 def _pasting(model: nn.Module, state: _State, reader: Reader, batch_size: int, workers: int,
              seed: int) -> None:
-    """Mixed-Same and Mixed-Rand (see :mod:`heatlens.audit.interventions`): each image with a
+    """Mixed-Same and Mixed-Rand (see :mod:`heatlens.shortcuts.interventions`): each image with a
     mask, its object on the background of another image of its class and of another class."""
     classes = sorted(state.backgrounds)
     if len(classes) < 2:
