@@ -13,6 +13,8 @@ the same held-out set: the false alarms over three seeds are counted."""
 
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +207,14 @@ def test_bad_input_goes_into_the_report_not_a_crash(watermarked, tmp_path):
     report = _audit(model, images, masks=wrong)
     assert "a mask must have the image's size" in " ".join(report.problems)
     assert len(report.images) == 60
+    blind = copy.deepcopy(model)
+    with torch.no_grad():
+        blind[-1].weight[2] = 0  # the cross's logit no longer reads the features
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named in the report, not warned image by image
+        report = _audit(blind, images, boxes=boxes, target="label")
+    empty = [p for p in report.problems if "the map is zero everywhere" in p]
+    assert len(empty) == 20 and all(p.startswith("cross/") for p in empty)
 
 
 def test_the_command_writes_the_report(watermarked, tmp_path):

@@ -15,6 +15,7 @@ audit goes on: one bad file never ends the audit of a data set.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,8 +157,16 @@ class _State:
         if target == "label":
             goal = torch.tensor([self.source.class_index(e.label, self.labels, strict=True)
                                  for e in usable], device=device)
-        e = explainer(x, target=goal)
+        with warnings.catch_warnings():  # an empty map is reported below, by its file's name
+            warnings.filterwarnings("ignore", message=".*zero everywhere")
+            e = explainer(x, target=goal)
         maps = e.maps.detach()
+        for entry, empty in zip(usable, (maps.flatten(1).amax(dim=1) <= 0).tolist(),
+                                strict=True):
+            if empty:
+                self.problems.append(f"{entry.item.name}: the map is zero everywhere (no "
+                                     "positive evidence for the class explained); it counts "
+                                     "as no relevance anywhere")
         edge = border(maps, self.band)
         object_masks = [self._mask(entry, maps.shape[-2:]) for entry in usable]
         rows = []
@@ -185,7 +194,9 @@ class _State:
                     rows: list[dict[str, Any]]) -> None:
         chosen = torch.tensor(has, device=x.device)
         masks = torch.stack([object_masks[i] for i in has]).to(x.device)
-        measures = on_object(maps[chosen], masks)
+        with warnings.catch_warnings():  # empty maps are reported by name in take()
+            warnings.filterwarnings("ignore", message=".*(hold no positive value|constant)")
+            measures = on_object(maps[chosen], masks)
         kept = classes[chosen]
         backgrounds = interventions.without_object(x[chosen], masks, self.seed)
         everything = interventions.all_probabilities(model, backgrounds)
