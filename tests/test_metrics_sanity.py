@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity as skimage_ssim
+from test_engine import assert_same_state, snapshot
 from torch import Tensor, nn
 
 import heatlens
@@ -305,35 +306,6 @@ def test_random_classes_are_seeded_uniform_and_never_the_class(trained, held_out
 # --- the user's model -----------------------------------------------------------------------------
 
 
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {n: None if p.grad is None else p.grad.clone()
-                 for n, p in model.named_parameters()},
-        "hooks": {n: {d: list(getattr(m, d).items()) for d in HOOK_DICTS}
-                  for n, m in model.named_modules()},
-        "state": {n: t.clone() for n, t in model.state_dict().items()},
-    }
-
-
-def assert_untouched(before: dict, model: nn.Module) -> None:
-    after = snapshot(model)
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["hooks"] == after["hooks"]
-    for name, grad in before["grad"].items():
-        assert (grad is None) == (after["grad"][name] is None), name
-        assert grad is None or torch.equal(grad, after["grad"][name]), name
-    assert before["state"].keys() == after["state"].keys()
-    for name, value in before["state"].items():  # bit for bit, running statistics too
-        assert torch.equal(value, after["state"][name]), name
-
-
 @pytest.fixture
 def lived_in(resnet, photos) -> nn.Module:
     """resnet18 as a user leaves it: .grad filled, layer1 frozen and in training mode, a hook."""
@@ -351,7 +323,7 @@ def test_the_model_comes_back_untouched(lived_in, photos):
     result = cascading_randomisation(lived_in, photos, gradcam, torch.tensor([1, 2]))
     assert len(result.steps) == 41  # 20 convolutions, 20 batch norms, fc
     random_logit(lived_in, photos, gradcam, torch.tensor([1, 2]))
-    assert_untouched(before, lived_in)
+    assert_same_state(before, snapshot(lived_in))
     assert torch.equal(rng, torch.get_rng_state())
 
 
@@ -368,7 +340,7 @@ def test_the_model_comes_back_untouched_when_explain_raises(lived_in, photos):
 
     with pytest.raises(RuntimeError, match="the method broke"):
         cascading_randomisation(lived_in, photos, breaks_on_the_third_call, torch.tensor([1, 2]))
-    assert_untouched(before, lived_in)
+    assert_same_state(before, snapshot(lived_in))
 
     def vandal(model, x, classes):  # what it does to the model it is given stays there
         model.train()
@@ -379,7 +351,7 @@ def test_the_model_comes_back_untouched_when_explain_raises(lived_in, photos):
 
     cascading_randomisation(lived_in, photos, vandal, torch.tensor([1, 2]), layers=["fc"])
     random_logit(lived_in, photos, vandal, torch.tensor([1, 2]))
-    assert_untouched(before, lived_in)
+    assert_same_state(before, snapshot(lived_in))
 
 
 # --- seeds and layers -----------------------------------------------------------------------------

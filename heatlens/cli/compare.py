@@ -19,9 +19,6 @@ if TYPE_CHECKING:
     from heatlens.loading.models import LoadedModel
     from heatlens.metrics.faithfulness import Protocol
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
 @click.command("compare")
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
 @model_options
@@ -79,6 +76,7 @@ def compare(sources: tuple[Path, ...], spec: ModelSpec, methods: str, metrics: s
 
 def _images(sources: tuple[Path, ...]) -> tuple[list[Path], dict[Path, Path]]:
     """The image files, in order, and for each the folder it was found in (for names)."""
+    from heatlens.datasets.sources import IMAGE_SUFFIXES
     from heatlens.loading.images import sample_image_path
 
     if not sources:

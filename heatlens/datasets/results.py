@@ -29,13 +29,13 @@ class Run:
         self.settings: dict[str, Any] = json.loads((self.folder / RUN_FILE).read_text(
             encoding="utf-8"))
         table = read_rows(self.folder)
+        self.errors: list[dict[str, str]] = read_errors(self.folder, table)
         if table is None:
             import pyarrow as pa
 
             table = pa.table({"path": pa.array([], pa.string()),
                               "method": pa.array([], pa.string())})
         self.index = table
-        self.errors: list[dict[str, str]] = read_errors(self.folder)
 
     def __len__(self) -> int:
         return self.index.num_rows

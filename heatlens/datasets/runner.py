@@ -28,7 +28,7 @@ from heatlens.datasets.reading import Loaded, Reader, batches
 from heatlens.datasets.results import Run, load_run
 from heatlens.datasets.sources import Item, Source, SourceLike, open_source, shard
 from heatlens.datasets.store import RunFolder, atomic_write
-from heatlens.engine.entry import model_to_explain
+from heatlens.engine.entry import model_device, model_to_explain
 from heatlens.loading.images import DEFAULT_MAX_PIXELS
 from heatlens.loading.presets import IMAGENET, Preset
 from heatlens.methods.registry import canonical_name
@@ -229,7 +229,7 @@ class Explained:
 def _results_here(plan: Plan, done: dict[str, str], overlays: bool) -> Iterator[Explained]:
     """The local engine: DataLoader workers decode, this process explains."""
     explaining = plan.explaining()
-    device = _device(plan.model)
+    device = model_device(plan.model)
     for loaded in batches(plan.reader(done, overlays), plan.batch_size, plan.workers):
         usable = [entry for entry in loaded if entry.tensor is not None]
         if not usable:
@@ -237,11 +237,6 @@ def _results_here(plan: Plan, done: dict[str, str], overlays: bool) -> Iterator[
             continue
         inputs = torch.stack([entry.tensor for entry in usable]).to(device)
         yield Explained(loaded, explaining(inputs, plan.targets(usable, device)))
-
-
-def _device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return torch.device("cpu") if first is None else first.device
 
 
 def _write_all(plan: Plan, results: Iterable[Explained], overlays: bool,

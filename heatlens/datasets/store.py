@@ -146,7 +146,7 @@ class RunFolder:
         table = read_rows(self.folder)
         if table is not None:
             atomic_write(self.folder / "index.parquet", _parquet(table, pq))
-        errors = read_errors(self.folder)
+        errors = read_errors(self.folder, table)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["path", "kind", "reason"],
                                 lineterminator="\n")
@@ -184,12 +184,11 @@ def read_rows(folder: Path) -> Any:
     return table.take([latest[key] for key in order])
 
 
-def read_errors(folder: Path) -> list[dict[str, str]]:
+def read_errors(folder: Path, rows: Any) -> list[dict[str, str]]:
     """The files a run could not use, one per path (the latest reason), without those that
-    were explained since, sorted by path."""
+    were explained since (``rows``, from :func:`read_rows`), sorted by path."""
     import pyarrow.parquet as pq
 
-    rows = read_rows(folder)
     explained = set() if rows is None else set(rows.column("path").to_pylist())
     latest: dict[str, dict[str, str]] = {}
     for part in _parts(folder, "errors"):

@@ -62,6 +62,12 @@ def entered(model: nn.Module, inputs: Any, *, output: OutputKey | None = None
         yield x.clone() if x.is_inference() else x
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 def as_batch(inputs: Any, model: nn.Module) -> Tensor:
     """Check ``inputs`` and return it as a batch ``(B, C, *spatial)``.
 

@@ -29,8 +29,7 @@ from torch.nn import functional as F
 from heatlens.datasets.reading import Loaded, Reader, batches
 from heatlens.datasets.sources import Source, SourceLike, open_source
 from heatlens.engine.budget import DEFAULT_BUDGET, progress
-from heatlens.engine.entry import entered, model_to_explain
-from heatlens.engine.targets import primary_output
+from heatlens.engine.entry import model_device, model_to_explain
 from heatlens.loading.images import DEFAULT_MAX_PIXELS
 from heatlens.loading.objects import mask_path, read_boxes, read_mask
 from heatlens.loading.presets import IMAGENET, Preset
@@ -151,7 +150,7 @@ class _State:
         usable = [entry for entry in loaded if entry.tensor is not None]
         if not usable:
             return
-        device = next(model.parameters()).device
+        device = model_device(model)
         x = torch.stack([entry.tensor for entry in usable]).to(device)
         goal = None
         if target == "label":
@@ -265,7 +264,7 @@ def _pasting(model: nn.Module, state: _State, reader: Reader, batch_size: int, w
         return
     generator = torch.Generator().manual_seed(seed)
     position = {row["path"]: i for i, row in enumerate(state.rows)}
-    device = next(model.parameters()).device
+    device = model_device(model)
     for loaded in batches(reader, batch_size, workers):
         for entry in loaded:
             if entry.item.name not in position:
@@ -284,15 +283,10 @@ def _pasting(model: nn.Module, state: _State, reader: Reader, batch_size: int, w
             x = entry.tensor[None].expand(2, -1, -1, -1)
             backgrounds = torch.stack([b[1].float() for b in picks])
             edited = interventions.pasted(x, mask[None].expand(2, -1, -1), backgrounds)
-            with torch.inference_mode():
-                predicted = _scores(model, edited.to(device)).argmax(dim=1).cpu()
+            predicted = interventions.all_probabilities(model, edited.to(device)).argmax(
+                dim=1).cpu()
             row["correct_same"] = float(predicted[0] == cls)
             row["correct_other"] = float(predicted[1] == cls)
-
-
-def _scores(model: nn.Module, x: Tensor) -> Tensor:
-    with entered(model, x) as inputs:
-        return primary_output(model(inputs))
 
 
 def _report(state: _State, method: str, seed: int, has_boxes: bool,
