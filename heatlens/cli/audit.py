@@ -33,9 +33,11 @@ def audit(source: Path, spec: ModelSpec, boxes: Path | None, masks: Path | None,
     the class's probability with the object removed, and the maps of each class clustered
     (SpRAy). Prints the verdict and writes an HTML report with pictures and Parquet rows."""
     from heatlens.cli.explain import method_names
+    from heatlens.metrics.evaluate import needs_extra
     from heatlens.shortcuts.run import audit as run_audit
 
     with reported():
+        needs_extra("pyarrow", "the audit's Parquet output")
         name = method_names(method)[0]
         if boxes is not None and masks is not None:
             raise ValueError("give boxes or masks, not both")

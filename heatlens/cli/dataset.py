@@ -61,9 +61,10 @@ def explain_dir(source: Path, spec: ModelSpec, out: Path, methods: str, target: 
     from heatlens.datasets.runner import explain_dataset
     from heatlens.datasets.sources import parse_shard
     from heatlens.loading.images import DEFAULT_MAX_PIXELS
-    from heatlens.metrics.evaluate import metric_names
+    from heatlens.metrics.evaluate import metric_names, needs_extra
 
     with reported():
+        needs_extra("pyarrow", "explain-dir's index.parquet")
         names = method_names(methods)
         wanted = metric_names(metrics) if metrics.strip() else []
         part = None if shard is None else parse_shard(shard)

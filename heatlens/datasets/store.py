@@ -63,7 +63,7 @@ class RunFolder:
     """
 
     def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
-        needs_extra("pyarrow", "a data-set run writes its index as Parquet")
+        needs_extra("pyarrow", "a data-set run's index.parquet")
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"cannot write the run into {self.folder}: it is a file; name a "

@@ -76,7 +76,7 @@ class AuditReport:
     def save(self, folder: str | Path) -> Path:
         """Write ``report.html``, ``images.parquet`` and ``classes.parquet`` into ``folder``
         (created); returns the page's path."""
-        needs_extra("pyarrow", "the audit's Parquet rows")
+        needs_extra("pyarrow", "writing the audit's Parquet rows")
         import pyarrow as pa
         import pyarrow.parquet as pq
 
