@@ -23,6 +23,7 @@ from heatlens.cli.concepts import concepts
 from heatlens.cli.dataset import explain_dir
 from heatlens.cli.explain import explain
 from heatlens.cli.listing import layers, methods
+from heatlens.cli.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,5 +43,5 @@ def _one_line(message: Warning | str, category: type[Warning], *args: object,
     return f"Warning: {' '.join(str(message).split())}\n"
 
 
-for command in (explain, explain_dir, compare, audit, concepts, methods, layers):
+for command in (explain, explain_dir, compare, audit, concepts, serve, methods, layers):
     main.add_command(command)

@@ -3,12 +3,19 @@ promise 8).
 
 Perturbed inputs are built chunk by chunk; a chunk holds as many inputs as fit in the memory
 budget, by an estimate of what one more input costs in one pass of the model.
+
+Progress is a ``tqdm`` bar on a terminal; a program that runs methods for someone else (the web
+app) also watches it with :func:`watched`: its callback hears every step and may stop the work by
+raising (a cancelled request).
 """
 
 from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from math import prod
 from typing import Any
 
@@ -21,6 +28,11 @@ DEFAULT_BUDGET = 256 << 20
 """Memory budget of one call's perturbed batches, in bytes (256 MiB). Larger chunks gain
 little on a CPU: allocating a 1 GiB chunk for every pass cost MobileNetV2's Score-CAM twice the
 time of 128 MiB chunks, most of it in the kernel."""
+
+Watcher = Callable[[int, int, str], None]
+"""Called as ``watcher(done, total, description)`` after each step of a long computation."""
+
+_WATCHER: ContextVar[Watcher | None] = ContextVar("heatlens_progress_watcher", default=None)
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
@@ -88,7 +100,44 @@ def progress(total: int, description: str, *, show: bool | None = None) -> Any:
 
     if show is None:
         show = total >= 100 and sys.stderr.isatty()
-    return tqdm(total=total, desc=description, disable=not show, leave=False, unit="input")
+    bar = tqdm(total=total, desc=description, disable=not show, leave=False, unit="input")
+    watcher = _WATCHER.get()
+    return bar if watcher is None else _Watched(bar, total, description, watcher)
+
+
+@contextmanager
+def watched(watcher: Watcher) -> Iterator[None]:
+    """Within this block (in this thread or task), every :func:`progress` bar also reports its
+    steps to ``watcher``; an exception the watcher raises stops the computation at that step,
+    and leaves through the method's own clean-up (hooks removed, the model as it was)."""
+    token = _WATCHER.set(watcher)
+    try:
+        yield
+    finally:
+        _WATCHER.reset(token)
+
+
+class _Watched:
+    """A progress bar that also tells a watcher of each step."""
+
+    def __init__(self, bar: Any, total: int, description: str, watcher: Watcher) -> None:
+        self._bar, self._total, self._description, self._watcher = bar, total, description, watcher
+        self._done = 0
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+        self._done += n
+        self._watcher(self._done, self._total, self._description)
+
+    def __enter__(self) -> _Watched:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
 
 
 def channels_last(batch: Tensor) -> Tensor:

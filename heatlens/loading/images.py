@@ -8,6 +8,7 @@ accept a large image without loosening the limit for the rest of the process.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
@@ -58,18 +59,20 @@ def sample_image_path() -> Path:
 
 
 def load_image(
-    source: str | os.PathLike[str] | Image.Image,
+    source: str | os.PathLike[str] | Image.Image | bytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """Load an image file (or take a PIL image) and return it upright, as 8-bit RGB.
+    """Load an image file (or take a PIL image, or an encoded file's bytes) and return it
+    upright, as 8-bit RGB.
 
     The image is turned by its EXIF orientation tag and converted to RGB as described in
     :func:`upright_rgb` (transparency composited on white, 16-bit greyscale scaled to 8 bits).
     The file is only read, never modified, and a PIL image passed in is not modified either.
 
     Args:
-        source: Path of an image file in any format Pillow reads, or a PIL image.
+        source: Path of an image file in any format Pillow reads, a PIL image, or the bytes
+            of such a file (an upload, read in memory and written nowhere).
         max_pixels: Largest ``width * height`` accepted. Files are checked against it from
             their header, before any pixel data is decoded, so a small file that claims an
             enormous size (a decompression bomb) cannot exhaust memory. Raise it to load
@@ -92,22 +95,25 @@ def load_image(
         _check_size(source.size, max_pixels, "the image")
         with _pillow_limit_lifted(source.size):
             return upright_rgb(source)
-    if not isinstance(source, str | os.PathLike):
+    if isinstance(source, bytes):
+        opened: Path | io.BytesIO = io.BytesIO(source)
+        path: Path | str = "the image data"
+    elif isinstance(source, str | os.PathLike):
+        opened = path = Path(source)
+        if not path.exists():
+            msg = f"no image at {path}: the file does not exist"
+            raise FileNotFoundError(msg)
+        if path.is_dir():
+            msg = f"{path} is a directory, not an image file"
+            raise ValueError(msg)
+    else:
         msg = (
-            f"load_image takes a file path or a PIL.Image.Image, got {type(source).__name__}; "
-            "for a numpy array use PIL.Image.fromarray(array) first"
+            f"load_image takes a file path, a PIL.Image.Image or bytes, got "
+            f"{type(source).__name__}; for a numpy array use PIL.Image.fromarray(array) first"
         )
         raise TypeError(msg)
 
-    path = Path(source)
-    if not path.exists():
-        msg = f"no image at {path}: the file does not exist"
-        raise FileNotFoundError(msg)
-    if path.is_dir():
-        msg = f"{path} is a directory, not an image file"
-        raise ValueError(msg)
-
-    with _open_header(path) as image:
+    with _open_header(opened, str(path)) as image:
         _check_size(image.size, max_pixels, str(path))
         try:
             with _pillow_limit_lifted(image.size):
@@ -165,8 +171,9 @@ def _check_size(size: tuple[int, int], max_pixels: int, what: str) -> None:
 
 
 @contextmanager
-def _open_header(path: Path) -> Iterator[ImageFile.ImageFile]:
-    """Open ``path`` lazily (header only), with Pillow's own size check replaced by ours."""
+def _open_header(path: Path | io.BytesIO, name: str) -> Iterator[ImageFile.ImageFile]:
+    """Open ``path`` (a file or bytes in memory, called ``name`` in messages) lazily (header
+    only), with Pillow's own size check replaced by ours."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -176,12 +183,15 @@ def _open_header(path: Path) -> Iterator[ImageFile.ImageFile]:
                 # Pillow refuses even to read the header of images over twice its global limit.
                 # Reading a header decodes no pixels, so lift the limit for that moment only;
                 # the caller checks the size against max_pixels before decoding.
+                if isinstance(path, io.BytesIO):
+                    path.seek(0)
                 with _pillow_limit_lifted(None):
                     image = Image.open(path)
     except (FileNotFoundError, PermissionError):
         raise
     except (OSError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
-        msg = f"{path} is not an image Pillow can read ({exc})"
+        detail = f" ({exc})" if isinstance(path, Path) else ""  # a BytesIO's repr says nothing
+        msg = f"{name} is not an image Pillow can read{detail}"
         raise ImageError(msg, "not an image") from exc
     with image:
         yield image

@@ -41,6 +41,7 @@ class AblationCAM(CAMExplainer):
     """
 
     name = "ablationcam"
+    family = "perturbation CAMs"
     needs_gradients = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,

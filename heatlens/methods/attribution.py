@@ -53,6 +53,7 @@ class AttributionExplainer(Explainer):
         show_progress: ``None`` shows a bar for long runs in a terminal.
     """
 
+    family = "pixel attributions"
     uses_layer = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,

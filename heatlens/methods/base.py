@@ -79,6 +79,8 @@ class Explainer(ABC):
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = "other methods"
+    """The group a method is listed in (the web app's method picker)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model: nn.Module = model_to_explain(model)
@@ -127,6 +129,7 @@ class CAMExplainer(Explainer):
             ``"tanh-max"`` (LayerCAM's). ``None`` picks the method's default.
     """
 
+    family = "gradient CAMs"
     needs_gradients: ClassVar[bool] = True
     needs_target: ClassVar[bool] = True
     """``False``: the map does not depend on the target, so ``target=None`` works on any output."""

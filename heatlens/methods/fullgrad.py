@@ -64,6 +64,7 @@ class FullGrad(Explainer):
     """
 
     name = "fullgrad"
+    family = "pixel attributions"
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto") -> None:
         super().__init__(model)

@@ -81,6 +81,7 @@ class AttentionExplainer(Explainer):
             (rollout methods), never attention paid to the class token.
     """
 
+    family = "transformer methods"
     needs_gradients: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, head_fusion: str = "mean",

@@ -54,6 +54,7 @@ class ScoreFamily(CAMExplainer):
         show_progress: ``None`` shows a bar for long runs in a terminal.
     """
 
+    family = "perturbation CAMs"
     needs_gradients = False
     samples: int = 1
     zero_mask_stays_zero: ClassVar[bool] = True
