@@ -305,3 +305,29 @@ def test_nothing_outside_the_run_or_its_source_is_served(client, app_run_folder,
     assert changed["shown"] is None and "has changed since the run" in changed["note"]
     with pytest.raises(FileNotFoundError, match="no data-set run"):
         RunShelf(tmp_path / "nothing")
+
+
+def test_the_serve_command_listens_on_loopback_and_names_bad_options_first(tmp_path):
+    """`heatlens serve --port 0` prints its loopback address and answers there; a --runs folder
+    without a run is a one-line error before the model loads."""
+    import subprocess
+    import sys
+
+    import requests
+
+    command = [sys.executable, "-c", "from heatlens.cli import main; main()", "serve"]
+    refused = subprocess.run([*command, "--runs", str(tmp_path)], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("Error: no data-set run in") and "Traceback" not in (
+        refused.stderr)
+    server = subprocess.Popen([*command, "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in server.stdout if "serving" in line)
+        url = line.split(" on ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        info = requests.get(f"{url}api/info", timeout=30).json()
+        assert info["model"].startswith("efficientnet_lite0") and info["runs"] is False
+    finally:
+        server.terminate()
+        server.wait(30)

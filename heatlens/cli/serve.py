@@ -53,6 +53,7 @@ def serve(spec: ModelSpec, host: str, port: int, runs: Path | None, max_upload_m
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     with reported():
         listening.bind((host, port))
+    listening.listen(2048)  # connections wait from now on, even before the loop accepts them
     address, bound = listening.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(workbench, shelf), log_level="warning"))
     click.echo(f"heatlens is serving {loaded.name} on http://{address}:{bound}/ (Ctrl-C stops)")
