@@ -331,3 +331,14 @@ def test_the_serve_command_listens_on_loopback_and_names_bad_options_first(tmp_p
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_only_loopback_names_are_answered_when_the_app_serves_loopback(app_workbench):
+    """A request whose Host header names another site (a DNS-rebinding page) is refused."""
+    from heatlens.app.server import LOOPBACK_NAMES
+
+    with TestClient(create_app(app_workbench, hosts=LOOPBACK_NAMES),
+                    base_url="http://127.0.0.1:8000") as local:
+        assert local.get("/api/info").status_code == 200
+        assert local.get("/api/info", headers={"host": "evil.example:8000"}).status_code == 400
+        assert local.get("/api/info", headers={"host": "localhost:8000"}).status_code == 200

@@ -201,3 +201,23 @@ def test_a_run_is_browsed_filtered_and_opened(page, app_run_folder):
     }""")
     assert shown == [64, 64, True]
     assert "gradcam" in page.locator("#entry dl").inner_text()
+
+
+def test_an_image_dropped_on_the_page_is_explained(page):
+    """Drag and drop: the dropped file is uploaded and its top class explained."""
+    import io
+
+    choose_methods(page, ("gradcam",))
+    page.locator("#trust").set_checked(False)
+    buffer = io.BytesIO()
+    Image.fromarray(data.rocket()).resize((200, 150)).save(buffer, format="PNG")
+    page.evaluate("""(bytes) => {
+        const file = new File([new Uint8Array(bytes)], "rocket.png", {type: "image/png"});
+        const dropped = new DataTransfer();
+        dropped.items.add(file);
+        document.getElementById("drop").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dropped, bubbles: true, cancelable: true}));
+    }""", list(buffer.getvalue()))
+    page.wait_for_selector("#picture:not([hidden])")
+    assert page.locator("#picture-name").inner_text() == "rocket.png, 200x150"
+    drawn(page, "gradcam", int(page.locator("#classes input").first.get_attribute("value")))

@@ -24,7 +24,7 @@ responsive while a Score-CAM runs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from heatlens import __version__
 from heatlens.app.jobs import Job
@@ -68,12 +69,22 @@ class JobRequest(MapRequest):
                         description="seconds to wait for the result before answering")
 
 
-def create_app(workbench: Workbench, runs: RunShelf | None = None) -> FastAPI:
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def create_app(workbench: Workbench, runs: RunShelf | None = None, *,
+               hosts: Sequence[str] | None = None) -> FastAPI:
     """The app around a started :class:`~heatlens.app.workbench.Workbench` (and the runs of
-    ``--runs``)."""
+    ``--runs``).
+
+    ``hosts``: the only names a request's ``Host`` header may give (``heatlens serve`` on
+    loopback passes :data:`LOOPBACK_NAMES`), so that a web page whose name was pointed at this
+    machine (DNS rebinding) cannot read the app's answers; ``None`` accepts any."""
     app = FastAPI(title="heatlens", version=__version__,
                   summary="Why did the vision model say that? Maps, side by side, and how "
                           "faithful each is.")
+    if hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))
     app.state.workbench = workbench
     _errors(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

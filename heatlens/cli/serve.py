@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def serve(spec: ModelSpec, host: str, port: int, runs: Path | None, max_upload_m
 
     The model loads once, at start-up; open the address printed. Needs the app extra:
     pip install 'heatlens[app]'."""
-    from heatlens.metrics.evaluate import needs_extra
-
     with reported():
+        listening = _listening(host, port)  # a port in use is named before anything loads
+        from heatlens.metrics.evaluate import needs_extra
+
         needs_extra("fastapi", "heatlens serve", "app")
         needs_extra("uvicorn", "heatlens serve", "app")
         from heatlens.app.runs import RunShelf
@@ -41,7 +43,7 @@ def serve(spec: ModelSpec, host: str, port: int, runs: Path | None, max_upload_m
         loaded = spec.load()
     import uvicorn
 
-    from heatlens.app.server import create_app
+    from heatlens.app.server import LOOPBACK_NAMES, create_app
     from heatlens.app.workbench import Workbench
 
     workbench = Workbench(loaded, max_bytes=int(max_upload_mb * (1 << 20)),
@@ -49,16 +51,30 @@ def serve(spec: ModelSpec, host: str, port: int, runs: Path | None, max_upload_m
     with reported():
         seconds = workbench.start()
     click.echo(f"model: {loaded.name} (warmed up in {seconds:.1f} s)")
-    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    with reported():
-        listening.bind((host, port))
-    listening.listen(2048)  # connections wait from now on, even before the loop accepts them
     address, bound = listening.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(create_app(workbench, shelf), log_level="warning"))
-    click.echo(f"heatlens is serving {loaded.name} on http://{address}:{bound}/ (Ctrl-C stops)")
+    loopback = ipaddress.ip_address(address).is_loopback
+    app = create_app(workbench, shelf, hosts=LOOPBACK_NAMES if loopback else None)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    shown = f"[{address}]" if ":" in address else address
+    click.echo(f"heatlens is serving {loaded.name} on http://{shown}:{bound}/ (Ctrl-C stops)")
     try:
         server.run(sockets=[listening])
     finally:
         workbench.jobs.close()
         listening.close()
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening: a client that connects before the server
+    loop runs waits instead of being refused."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as exc:
+        listening.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port "
+                      "(0: any free port)") from exc
+    listening.listen(2048)
+    return listening
