@@ -258,16 +258,22 @@ def test_runs_are_listed_filtered_and_sorted(client, app_run_folder):
 
 
 def test_a_row_opens_with_its_map_and_image(client, app_run_folder):
-    """A row's map is the stored map, scaled and upsampled as Explanation.maps are; its image
-    is the file as the model saw it."""
+    """A row opens with its image's maps, one per method of the run (its own first), each the
+    stored map scaled and upsampled as Explanation.maps are; its image is the file as the model
+    saw it."""
     run = heatlens.load_run(app_run_folder / "photos")
     number = next(i for i, row in enumerate(run.index.to_pylist())
                   if row["method"] == "gradcam" and row["path"] == "espresso/coffee0.png")
     entry = client.get(f"/api/runs/photos/rows/{number}").json()
-    heat = torch.from_numpy(run.map(number)).clamp_min(0)[None, None]
-    up = torch.nn.functional.interpolate(heat, size=(64, 64), mode="bilinear")[0, 0]
-    expected = (up - up.min()) / (up.max() - up.min())
-    np.testing.assert_allclose(values(entry), expected.numpy(), atol=1e-6)
+    index = run.index.to_pylist()
+    assert [m["method"] for m in entry["maps"]] == ["gradcam", "saliency"]
+    for shown in entry["maps"]:
+        assert index[shown["row"]]["path"] == "espresso/coffee0.png"
+        heat = torch.from_numpy(run.map(shown["row"])).clamp_min(0)[None, None]
+        up = torch.nn.functional.interpolate(heat, size=(64, 64), mode="bilinear")[0, 0]
+        expected = (up - up.min()) / (up.max() - up.min())
+        np.testing.assert_allclose(values({**shown, "height": 64, "width": 64}),
+                                   expected.numpy(), atol=1e-6)
     assert entry["fields"]["path"] == "espresso/coffee0.png" and entry["note"] == ""
     preset = heatlens.Preset(resize=64, crop=64, mean=(0.485, 0.456, 0.406),
                              std=(0.229, 0.224, 0.225))

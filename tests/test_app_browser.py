@@ -156,13 +156,19 @@ def test_upload_two_methods_slider_class_hover_and_downloads(page, photo, app_wo
 
 
 def test_a_slow_method_shows_progress_and_can_be_cancelled(page, photo, app_workbench):
-    """Score-CAM's panel shows a progress bar that fills, and cancel stops it."""
+    """Score-CAM's panel shows a progress bar that fills; another class cancels the job for
+    the first one; the cancel button stops the second."""
     choose_methods(page, ("scorecam",))
     page.locator("#trust").set_checked(False)
     page.locator("#sample").click()
+    filling = """() => document.querySelector('.panel[data-method="scorecam"] progress')
+                         .value > 0"""
     page.wait_for_selector('.panel[data-method="scorecam"] progress[value]', timeout=60_000)
-    page.wait_for_function("""() => document.querySelector(
-        '.panel[data-method="scorecam"] progress').value > 0""", timeout=60_000)
+    page.wait_for_function(filling, timeout=60_000)
+    with page.expect_request(lambda request: request.method == "DELETE"):
+        page.locator("#classes input").nth(1).check()
+    page.wait_for_selector('.panel[data-method="scorecam"] progress:not([value])')
+    page.wait_for_function(filling, timeout=60_000)
     page.locator('.panel[data-method="scorecam"] .cancel').click()
     page.wait_for_selector('.panel.failed[data-method="scorecam"]', timeout=60_000)
     assert page.locator('.panel[data-method="scorecam"] .title').inner_text() == (
@@ -193,13 +199,11 @@ def test_a_run_is_browsed_filtered_and_opened(page, app_run_folder):
         return v.length === 6 && v.every((x, i) => i === 0 || v[i - 1] >= x);
     }""")
     page.locator("#rows tbody tr").first.click()
-    page.wait_for_selector("#entry-canvas")
-    shown = page.evaluate("""() => {
-        const c = document.getElementById('entry-canvas');
-        return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width,
-                c.height).data).some((v, i) => i % 4 !== 3 && v !== 128)];
-    }""")
-    assert shown == [64, 64, True]
+    page.wait_for_selector(".entry-map")
+    shown = page.evaluate("""() => [...document.querySelectorAll('.entry-map')].map((c) => [
+        c.dataset.method, c.width, c.height, Array.from(c.getContext('2d').getImageData(
+            0, 0, c.width, c.height).data).some((v, i) => i % 4 !== 3 && v !== 128)])""")
+    assert shown == [["gradcam", 64, 64, True], ["saliency", 64, 64, True]]
     assert "gradcam" in page.locator("#entry dl").inner_text()
 
 

@@ -10,15 +10,16 @@ its SHA-256 is the one the run explained. Anything else is refused.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from heatlens.app.workbench import encode_map
 from heatlens.datasets.results import Run, load_run
 from heatlens.datasets.store import RUN_FILE
 from heatlens.engine.maps import minmax, upsample
@@ -116,9 +117,9 @@ class RunShelf:
         }
 
     def entry(self, name: str, number: int) -> dict[str, Any]:
-        """Row ``number`` of the run with its map (float32 in [0, 1] at the preset's crop size,
-        as the explain view's maps) and its image as the model saw it, where the source still
-        holds that exact file.
+        """Row ``number`` of the run, with the maps of every method the run holds for its image
+        (float32 in [0, 1] at the preset's crop size, as the explain view's maps; the row's own
+        first) and the image as the model saw it, where the source still holds that exact file.
 
         Raises:
             KeyError: an unknown run. IndexError: no such row. PermissionError: the index
@@ -126,21 +127,31 @@ class RunShelf:
         """
         run = self.run(name)
         row = run.row(number)
-        map_file = (run.folder / row["map_file"]).resolve()
-        if not map_file.is_relative_to(run.folder.resolve()):
-            raise PermissionError(f"row {number} of {name} names a map file outside the run "
-                                  "folder; it is not read")
-        preset = Preset(**{**run.settings["preset"], "mean": tuple(run.settings["preset"]["mean"]),
-                           "std": tuple(run.settings["preset"]["std"])})
-        heat = torch.from_numpy(run.map(row)).float()[None].clamp_min(0)
-        values = minmax(upsample(heat, (preset.crop, preset.crop)))[0].numpy()
+        settings = run.settings["preset"]
+        preset = Preset(**{**settings, "mean": tuple(settings["mean"]),
+                           "std": tuple(settings["std"])})
+        rows = run.index.to_pylist()
+        same = [number] + [i for i, other in enumerate(rows) if i != number
+                           and (other["path"], other["sha256"]) == (row["path"], row["sha256"])]
+        maps = [{"row": i, "method": rows[i]["method"],
+                 "map": encode_map(_scaled_map(run, rows[i], preset.crop))} for i in same]
         shown, note = _shown(run, row, preset)
         return {
             "run": name, "row": number, "fields": {k: _plain(v) for k, v in row.items()},
-            "height": int(values.shape[0]), "width": int(values.shape[1]),
-            "map": base64.b64encode(values.astype("<f4").tobytes()).decode("ascii"),
-            "shown": shown, "note": note,
+            "height": preset.crop, "width": preset.crop, "maps": maps, "shown": shown,
+            "note": note,
         }
+
+
+def _scaled_map(run: Run, row: dict[str, Any], side: int) -> np.ndarray:
+    """A stored map as the explain view shows maps: its positive part, upsampled to the crop
+    and scaled to [0, 1]; its file must lie inside the run folder."""
+    map_file = (run.folder / row["map_file"]).resolve()
+    if not map_file.is_relative_to(run.folder.resolve()):
+        raise PermissionError(f"a row of {run.folder.name} names a map file outside the run "
+                              "folder; it is not read")
+    heat = torch.from_numpy(run.map(row)).float()[None].clamp_min(0)
+    return minmax(upsample(heat, (side, side)))[0].numpy()
 
 
 def _classes(run: Run) -> dict[str, list[str]]:

@@ -57,6 +57,12 @@ V = TypeVar("V")
 T = TypeVar("T")
 
 
+def encode_map(values: np.ndarray) -> str:
+    """A map as it travels to the page: its float32 values, little-endian, row by row, in
+    base64 (the page reads them into a ``Float32Array``)."""
+    return base64.b64encode(values.astype("<f4").tobytes()).decode("ascii")
+
+
 class Recent(Generic[K, V]):
     """The ``size`` most recently used answers, by key (thread-safe)."""
 
@@ -252,7 +258,7 @@ class Workbench:
                                                                               self.loaded.labels),
             "layer": ", ".join(explanation.layers), "layer_reason": explanation.layer_reason,
             "height": int(values.shape[0]), "width": int(values.shape[1]),
-            "map": base64.b64encode(values.astype("<f4").tobytes()).decode("ascii"),
+            "map": encode_map(values),
             "seconds": round(time.perf_counter() - began, 3),
         }
         return self._maps.put(request.key, answer)

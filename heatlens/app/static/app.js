@@ -41,12 +41,15 @@ function post(path, body) {
 // A job: queued, then running with progress, then done. onProgress hears each status.
 async function runJob(panel, body, onProgress) {
   let status = await post("/api/jobs", { ...body, wait: 2 });
-  panel.job = status.job;
-  while (status.state === "queued" || status.state === "running") {
-    onProgress(status);
-    status = await api(`/api/jobs/${status.job}?wait=0.5`);
+  panel.jobs.add(status.job);
+  try {
+    while (status.state === "queued" || status.state === "running") {
+      onProgress(status);
+      status = await api(`/api/jobs/${status.job}?wait=0.5`);
+    }
+  } finally {
+    panel.jobs.delete(status.job);
   }
-  panel.job = null;
   if (status.state === "done") return status.result;
   throw new Error(status.state === "cancelled" ? "cancelled" : status.error);
 }
@@ -150,7 +153,7 @@ function panelFor(method) {
   const element = $("panel-template").content.firstElementChild.cloneNode(true);
   element.dataset.method = method;
   panel = { method, element, canvas: element.querySelector("canvas"), values: null,
-            answer: null, key: null, job: null };
+            answer: null, key: null, jobs: new Set() };
   element.querySelector(".title").textContent = method;
   element.querySelector(".cancel").addEventListener("click", () => cancel(panel));
   element.querySelector(".png").addEventListener("click", () => {
@@ -217,8 +220,11 @@ function fail(panel, message) {
   panel.canvas.getContext("2d").clearRect(0, 0, panel.canvas.width, panel.canvas.height);
 }
 
+// Cancel every job the panel still waits for (a queued job never starts).
 async function cancel(panel) {
-  if (panel.job) await api(`/api/jobs/${panel.job}`, { method: "DELETE" }).catch(() => null);
+  const jobs = [...panel.jobs];
+  await Promise.all(jobs.map((job) => api(`/api/jobs/${job}`, { method: "DELETE" })
+    .catch(() => null)));
 }
 
 function requestFor(method) {
@@ -230,6 +236,7 @@ function requestFor(method) {
 async function explainPanel(panel) {
   const request = requestFor(panel.method);
   const key = JSON.stringify(request);
+  if (panel.key !== key) cancel(panel);  // what it was computing is no longer asked for
   panel.key = key;
   panel.element.querySelector(".trust").textContent = "";
   const kept = state.answers.get(key);
@@ -522,13 +529,20 @@ async function openEntry(number, line) {
   line.classList.add("chosen");
   try {
     const entry = await api(`/api/runs/${encodeURIComponent(state.run.run)}/rows/${number}`);
-    entry.values = floats(entry.map);
+    for (const map of entry.maps) map.values = floats(map.map);
     entry.picture = entry.shown ? await pixelsOf(entry.shown, entry.width, entry.height)
       : new ImageData(new Uint8ClampedArray(entry.width * entry.height * 4).fill(128),
                       entry.width, entry.height);
     state.entry = entry;
-    const canvas = document.createElement("canvas");
-    canvas.id = "entry-canvas";
+    const figures = entry.maps.map((map) => {
+      const figure = document.createElement("figure");
+      map.canvas = document.createElement("canvas");
+      map.canvas.className = "entry-map";
+      map.canvas.dataset.method = map.method;
+      figure.append(map.canvas, Object.assign(document.createElement("figcaption"),
+                                              { textContent: map.method }));
+      return figure;
+    });
     const about = document.createElement("div");
     if (entry.note) about.append(Object.assign(document.createElement("p"),
                                                { className: "muted", textContent: entry.note }));
@@ -540,7 +554,10 @@ async function openEntry(number, line) {
                                   : cell(value) }));
     }
     about.append(list);
-    $("entry").replaceChildren(canvas, about);
+    const maps = document.createElement("div");
+    maps.className = "entry-maps";
+    maps.append(...figures);
+    $("entry").replaceChildren(maps, about);
     drawEntry();
   } catch (error) {
     say(error.message);
@@ -549,7 +566,9 @@ async function openEntry(number, line) {
 
 function drawEntry() {
   const entry = state.entry;
-  paint($("entry-canvas"), entry.values, entry.width, entry.height, entry.picture);
+  for (const map of entry.maps) {
+    paint(map.canvas, map.values, entry.width, entry.height, entry.picture);
+  }
 }
 
 async function start() {
