@@ -5,26 +5,30 @@ Models are random-init timm, torchvision and Hugging Face transformers (no weigh
 the trained transformer is in tests/test_transformer_evidence.py). The method matrix runs at
 small input sizes (each architecture built for that size) so that Score-CAM's one pass per
 channel stays fast; every architecture also runs at its native 224 px with ``layer="auto"``.
+Every CAM method on every token layout (class, distillation and register tokens; channels-last
+Swin maps) is also checked against the same method on the layer's output reshaped by hand
+(``test_token_cam_equals_cam_on_a_hand_reshaped_grid``).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+import torchvision.models as torchvision_models
+import transformers
 from torch import Tensor, nn
 
 import heatlens
 from heatlens.engine.attention import attention_recorded
 from heatlens.engine.tokens import infer_layout, transformer_layer
 from heatlens.methods.rollout import discard_lowest, fuse_heads, rollout
-
-timm = pytest.importorskip("timm")
-torchvision_models = pytest.importorskip("torchvision.models")
-transformers = pytest.importorskip("transformers")
 
 CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam",
                "eigencam")
@@ -41,6 +45,16 @@ def tv_vit(**options) -> nn.Module:
     """torchvision's ViT-B/16 with a random head (torchvision initialises it to zeros, which
     would make every gradient zero)."""
     model = torchvision_models.vit_b_16(**options)
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+def tv_vit_tiny() -> nn.Module:
+    """torchvision's ``VisionTransformer`` (the class of ViT-B/16) at 64 px, 3 layers of 32
+    channels: Score-CAM's one pass per channel is 32 passes instead of ViT-B's 768."""
+    model = torchvision_models.VisionTransformer(image_size=64, patch_size=16, num_layers=3,
+                                                 num_heads=2, hidden_dim=32, mlp_dim=64,
+                                                 num_classes=10)
     nn.init.normal_(model.heads.head.weight, std=0.02)
     return model
 
@@ -67,6 +81,7 @@ SMALL = {
         128, "layers.3.blocks.1.norm1", 0),
     "torchvision_vit_b_16": (lambda: tv_vit(image_size=64), 64,
                              "encoder.layers.encoder_layer_11.ln_1", 1),
+    "torchvision_vit_tiny": (tv_vit_tiny, 64, "encoder.layers.encoder_layer_2.ln_1", 1),
     "torchvision_swin_t": (lambda: torchvision_models.swin_t(), 64, "features.7.1.norm1", 0),
     "hf_vit": (lambda: hf_vit(64, 16), 64, "vit.layers.1.layernorm_before", 1),
 }
@@ -75,8 +90,11 @@ SMALL = {
 # timm's Swin cannot be cut for Ablation-CAM, so that runs full passes
 PER_CHANNEL_LAYER = {("scorecam", "timm_swin_tiny"): "layers.0.blocks.1.norm1",
                      ("ablationcam", "timm_swin_tiny"): "layers.0.blocks.1.norm1",
-                     ("scorecam", "torchvision_swin_t"): "features.1.1.norm1",
-                     ("scorecam", "torchvision_vit_b_16"): None}
+                     ("scorecam", "torchvision_swin_t"): "features.1.1.norm1"}
+# Score-CAM on torchvision's ViT runs on torchvision_vit_tiny (the same VisionTransformer class
+# and token layout): ViT-B's 768 passes take 45 s here
+MATRIX = [(method, arch) for arch in SMALL for method in CAM_METHODS
+          if (method, arch) != ("scorecam", "torchvision_vit_b_16")]
 
 NATIVE = {
     "timm_vit_tiny": lambda: timm.create_model("vit_tiny_patch16_224"),
@@ -105,15 +123,13 @@ def state(model: nn.Module) -> dict[str, Tensor]:
 # --- 1. every CAM method on every family, no reshape code --------------------------------------
 
 
-@pytest.mark.parametrize("arch", list(SMALL))
-@pytest.mark.parametrize("method", CAM_METHODS)
+@pytest.mark.parametrize(("method", "arch"), MATRIX)
 def test_cam_methods_run_on_transformers(small_models, arch, method):
+    """Every CAM method runs on every family with no reshape code: the token layout is named,
+    the map varies, and the model is left as it was."""
     model = small_models[arch]
     _, size, layer, prefix = SMALL[arch]
-    if (method, arch) in PER_CHANNEL_LAYER:
-        layer = PER_CHANNEL_LAYER[method, arch]
-        if layer is None:
-            pytest.skip("768 passes of ViT-B take 45 s here; its tokens are read as timm's are")
+    layer = PER_CHANNEL_LAYER.get((method, arch), layer)
     before = state(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. Ablation-CAM falling back to full passes
@@ -131,6 +147,115 @@ def test_cam_methods_run_on_transformers(small_models, arch, method):
     assert (f"{prefix} prefix token" in description) == (prefix > 0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class HandGrid(nn.Module):
+    """A transformer layer whose output is rearranged by hand to a feature map ``(B, C, h, w)``,
+    passed through the identity module ``grid`` (the layer a CAM explains on the wrapped copy),
+    and put back: tokens ``(B, P + h w, C)`` (the ``P`` prefix tokens kept aside, the patches in
+    row-major order) or a channels-last map ``(B, h, w, C)``. What other libraries ask users to
+    write as a ``reshape_transform``."""
+
+    def __init__(self, inner: nn.Module, prefix: int) -> None:
+        super().__init__()
+        self.inner, self.prefix, self.grid = inner, prefix, nn.Identity()
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        out = self.inner(*args, **kwargs)
+        if out.ndim == 4:  # Swin: (B, h, w, C)
+            return self.grid(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        b, n, c = out.shape
+        side = math.isqrt(n - self.prefix)
+        patches = out[:, self.prefix :].reshape(b, side, side, c).permute(0, 3, 1, 2)
+        patches = self.grid(patches).permute(0, 2, 3, 1).reshape(b, side * side, c)
+        return torch.cat([out[:, : self.prefix], patches], dim=1)
+
+
+def with_hand_grid(model: nn.Module, layer: str, prefix: int) -> nn.Module:
+    """A deep copy of ``model`` whose ``layer`` is wrapped in :class:`HandGrid`."""
+    wrapped = copy.deepcopy(model)
+    parent, _, child = layer.rpartition(".")
+    owner = wrapped.get_submodule(parent)
+    inner = getattr(owner, child)
+    setattr(owner, child, HandGrid(inner, prefix).train(inner.training))
+    return wrapped
+
+
+def tiny_timm(name: str, **options) -> nn.Module:
+    """A timm architecture at 32 px with 8 px patches (a 4 x 4 grid), 2 blocks of 32 channels."""
+    return timm.create_model(name, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                             num_heads=2, num_classes=10, **options)
+
+
+def tiny_timm_swin() -> nn.Module:
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4,
+                             embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=10)
+
+
+def tiny_tv_swin() -> nn.Module:
+    return torchvision_models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
+        num_classes=10)
+
+
+# Each token layout on a model small enough for every method (Score-CAM's pass per channel
+# included): arch -> (builder, input size, layer, prefix tokens). The full-size models of the
+# same classes run the method matrix above.
+TOKEN_MODELS = {
+    "timm_vit": (lambda: tiny_timm("vit_tiny_patch16_224"), 32, "blocks.1.norm1", 1),
+    "timm_deit_distilled": (lambda: tiny_timm("deit_tiny_distilled_patch16_224"), 32,
+                            "blocks.1.norm1", 2),
+    "timm_vit_registers": (lambda: tiny_timm("vit_tiny_patch16_224", reg_tokens=4), 32,
+                           "blocks.1.norm1", 5),
+    "torchvision_vit": (tv_vit_tiny, 64, "encoder.layers.encoder_layer_2.ln_1", 1),
+    "hf_vit": (lambda: hf_vit(64, 16), 64, "vit.layers.1.layernorm_before", 1),
+    "timm_swin": (tiny_timm_swin, 32, "layers.1.blocks.0.norm1", 0),
+    "torchvision_swin": (tiny_tv_swin, 32, "features.3.0.norm1", 0),
+}
+
+
+@pytest.fixture
+def one_thread():
+    """Many small passes: one intra-op thread is faster on a shared machine; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def token_models() -> dict[str, nn.Module]:
+    return {name: seeded(build) for name, (build, *_) in TOKEN_MODELS.items()}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("arch", list(TOKEN_MODELS))
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_token_cam_equals_cam_on_a_hand_reshaped_grid(token_models, method, arch):
+    """A CAM method on a transformer layer gives the map it gives on that layer's output
+    reshaped by hand to ``(B, C, h, w)`` (prefix tokens left out, patches row-major; Swin's
+    channels moved first): the token layout is read right for every method and family, including
+    Score-CAM's masks and Ablation-CAM's ablated tokens put back with the prefix kept. (The CAM
+    math on feature maps is checked against pytorch-grad-cam in tests/test_agreement.py and
+    tests/test_perturbation.py.)"""
+    model = token_models[arch]
+    _, size, layer, prefix = TOKEN_MODELS[arch]
+    x = batch(size, 9)
+    options = {"show_progress": False} if method in ("scorecam", "ablationcam") else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Ablation-CAM cannot evaluate only the layers")
+        on_tokens = heatlens.explain(model, x, method, target=[1, 2], layer=layer, **options)
+        on_grid = heatlens.explain(with_hand_grid(model, layer, prefix), x, method,
+                                   target=[1, 2], layer=f"{layer}.grid", **options)
+    assert f"{prefix} prefix token" in on_tokens.details["token_layout"][layer] or prefix == 0
+    assert "token_layout" not in on_grid.details  # the hand-made grid is a plain feature map
+    assert on_tokens.raw.shape == on_grid.raw.shape == (2, 4, 4)
+    scale = float(on_grid.raw.abs().max())
+    assert scale > 0 and float(on_grid.raw.std()) > 0
+    assert float((on_tokens.raw - on_grid.raw).abs().max()) <= 1e-4 * scale, method
+    assert float((on_tokens.maps - on_grid.maps).abs().max()) <= 1e-3
 
 
 @pytest.mark.parametrize("arch", list(NATIVE))
