@@ -14,7 +14,7 @@ kind: 400 a bad request, 403 a file outside its folder, 404 an unknown image, jo
     DELETE /api/jobs/{job}              cancel it
     GET    /api/runs                    the data-set runs of --runs
     GET    /api/runs/{run}/rows         a run's rows, filtered, sorted, a page at a time
-    GET    /api/runs/{run}/rows/{row}   a row with its map and image
+    GET    /api/runs/{run}/rows/{row}   a row with its image and every method's map of it
 
 Computations on the model run one at a time on the queue of :mod:`heatlens.app.jobs`; the
 server's event loop only waits for them, so the page, the job polls and the run browser stay
@@ -184,7 +184,7 @@ def create_app(workbench: Workbench, runs: RunShelf | None = None, *,
 
     @app.get("/api/runs/{run}/rows/{row}")
     async def run_entry(run: str, row: int) -> dict[str, Any]:
-        """One row with its map and its image (as the model saw it)."""
+        """One row with its image (as the model saw it) and every method's map of it."""
         return await run_in_threadpool(lambda: _shelf(runs).entry(run, row))
 
     return app

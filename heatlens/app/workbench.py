@@ -46,7 +46,7 @@ TRUST_STEP = 0.05
 points a curve) keeps a panel's scores to a few seconds on a CPU; ``heatlens compare`` and
 :func:`heatlens.evaluate` default to 1 %."""
 FAMILIES = ("gradient CAMs", "perturbation CAMs", "pixel attributions", "transformer methods",
-            "other methods")
+            "controls", "other methods")
 DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "eigencam", "scorecam",
                    "integrated_gradients")
 SLOW_FAMILIES = ("perturbation CAMs",)

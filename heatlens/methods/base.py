@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from heatlens.engine.capture import forward_with_capture, gradients_of
 from heatlens.engine.entry import OutputKey, entered, model_to_explain
 from heatlens.engine.layers import LayerSpec, resolve_layers
-from heatlens.engine.maps import FUSIONS, constant_maps, minmax, upsample
+from heatlens.engine.maps import FUSIONS, constant_maps, minmax, per_channel, upsample
 from heatlens.engine.notices import warn
 from heatlens.engine.targets import (
     NO_CLASS,
@@ -29,6 +29,8 @@ from heatlens.engine.targets import (
 )
 from heatlens.engine.tokens import TokenLayout, as_map, layer_layout
 from heatlens.explanation import Explanation
+from heatlens.methods.augment import aug_smoothed
+from heatlens.methods.principal import first_principal_component
 
 
 def target_probabilities(output: Any, target: Target, classes: Tensor) -> Tensor | None:
@@ -127,6 +129,17 @@ class CAMExplainer(Explainer):
             ``Explanation.raw`` stays signed either way.
         fusion: how several layers combine: ``"mean"`` of the min-max scaled maps, or
             ``"tanh-max"`` (LayerCAM's). ``None`` picks the method's default.
+        eigen_smooth: the raw map is the first principal component of the per-channel terms
+            ``T^k`` whose channel sum is the map (``w_k A^k``, or ``relu(G^k) A^k`` ...), instead
+            of their sum ``sum_k T^k``: each position's vector ``T_ij`` projected on the first
+            principal direction of the centred ``(positions, channels)`` matrix, which removes
+            what the channels do not share (pytorch-grad-cam's ``eigen_smooth=True``). The
+            sign is the one that correlates positively with the plain map
+            (:func:`~heatlens.methods.principal.orient`); pytorch-grad-cam's is the SVD's.
+        aug_smooth: the map averaged over test-time augmentation, as pytorch-grad-cam's
+            ``aug_smooth=True``: the input flipped left-right or not, times the pixel-value
+            factors 0.9, 1.0 and 1.1 (six copies), each copy's map flipped back; the mean is not
+            rescaled (see :mod:`heatlens.methods.augment`).
     """
 
     family = "gradient CAMs"
@@ -136,19 +149,48 @@ class CAMExplainer(Explainer):
     default_fusion: ClassVar[str] = "mean"
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, relu: bool = True,
-                 fusion: str | None = None) -> None:
+                 fusion: str | None = None, eigen_smooth: bool = False,
+                 aug_smooth: bool = False) -> None:
         super().__init__(model)
         self.layer = layer
         self.relu = relu
         self.fusion = fusion or self.default_fusion
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, not {self.fusion!r}")
+        if eigen_smooth and not self.has_terms():
+            raise ValueError(
+                f"eigen_smooth takes the principal component of a map's per-channel terms, and "
+                f"{self.name} states none (its map is not a sum over channels); use it with "
+                "gradcam, gradcam++, xgradcam, layercam, hirescam, cam, ..."
+            )
+        self.eigen_smooth = eigen_smooth
+        self.aug_smooth = aug_smooth
+
+    @classmethod
+    def has_terms(cls) -> bool:
+        """Whether the method states its per-channel terms (:meth:`terms`), as ``eigen_smooth``
+        needs."""
+        return (cls.terms is not CAMExplainer.terms
+                or cls.layer_terms is not CAMExplainer.layer_terms)
+
+    def terms(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+        """The per-channel terms ``T`` ``(B, C, *spatial)`` whose channel sum is the map."""
+        raise NotImplementedError(f"{type(self).__name__} states no per-channel terms")
+
+    def layer_terms(self, call: LayerCall) -> Tensor:
+        """:meth:`terms` of one layer; methods that need more than ``A``, ``G`` and the classes
+        override this instead."""
+        return self.terms(call.activations, call.gradients, call.classes)
 
     def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         """The signed map ``(B, *spatial)`` from activations and gradients ``(B, C, *spatial)``.
 
-        A method defines this, or :meth:`layer_map` when it needs more."""
-        raise NotImplementedError(f"{type(self).__name__} defines neither cam() nor layer_map()")
+        A method defines this, or :meth:`terms` (the map is then their sum over channels), or
+        :meth:`layer_map` when it needs more."""
+        if not self.has_terms():
+            raise NotImplementedError(
+                f"{type(self).__name__} defines neither cam(), terms() nor layer_map()")
+        return self.terms(activations, gradients, classes).sum(dim=1)
 
     def postprocess(self, raw: dict[str, Tensor], x: Tensor) -> Tensor:
         """Raw maps by layer to ``maps`` in [0, 1] at the input's size: ReLU (unless
@@ -166,7 +208,20 @@ class CAMExplainer(Explainer):
         gradients (the model, the inputs, the target) override this instead of :meth:`cam`."""
         return self.cam(call.activations, call.gradients, call.classes)
 
+    def layer_raw(self, call: LayerCall) -> Tensor:
+        """The raw map of one layer: :meth:`layer_map`, or with ``eigen_smooth`` the first
+        principal component of :meth:`layer_terms`."""
+        if self.eigen_smooth:
+            return first_principal_component(self.layer_terms(call))
+        return self.layer_map(call)
+
     def _explain(self, x: Tensor, target: Target) -> Explanation:
+        if self.aug_smooth:
+            return aug_smoothed(self._explain_once, self.model, x, target,
+                                with_gradients=self.needs_gradients)
+        return self._explain_once(x, target)
+
+    def _explain_once(self, x: Tensor, target: Target) -> Explanation:
         choice = resolve_layers(self.model, self.layer, x)
         captured = forward_with_capture(
             self.model, x, choice.as_dict(), with_gradients=self.needs_gradients
@@ -197,7 +252,7 @@ class CAMExplainer(Explainer):
                                                        layouts, strict=True)
         ]
         with torch.no_grad():
-            raw = {call.name: self.layer_map(call).float() for call in calls}
+            raw = {call.name: self.layer_raw(call).float() for call in calls}
             maps = self.postprocess(raw, x)
         details: dict[str, Any] = {}
         tokens = {call.name: call.layout.describe(tuple(call.output.shape))
@@ -209,6 +264,29 @@ class CAMExplainer(Explainer):
         return build_explanation(self.name, maps, raw, captured.output, goal, classes, scores,
                                  choice.names, with_followers(choice.reason, captured.followers),
                                  details)
+
+
+class WeightedCAM(CAMExplainer):
+    """A CAM whose map is ``M = sum_k w_k A^k``, one weight per channel: a method states ``w``
+    ``(B, C)`` in :meth:`channel_weights`, or in :meth:`layer_weights` when it needs more than
+    ``A``, ``G`` and the classes. Its per-channel terms are ``w_k A^k``."""
+
+    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
+                        classes: Tensor) -> Tensor:
+        """The weights ``w`` ``(B, C)``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no channel weights")
+
+    def layer_weights(self, call: LayerCall) -> Tensor:
+        """:meth:`channel_weights` of one layer."""
+        return self.channel_weights(call.activations, call.gradients, call.classes)
+
+    def layer_map(self, call: LayerCall) -> Tensor:
+        return per_channel(self.layer_weights(call).to(call.activations.dtype), call.activations)
+
+    def layer_terms(self, call: LayerCall) -> Tensor:
+        weights = self.layer_weights(call).to(call.activations.dtype)
+        return weights.reshape(*weights.shape, *[1] * (call.activations.ndim - 2)) * (
+            call.activations)
 
 
 def with_followers(reason: str, followers: dict[str, str]) -> str:

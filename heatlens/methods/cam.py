@@ -6,18 +6,22 @@ Notation: ``k`` indexes channels, ``ij`` (any number of) spatial positions, ``y`
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import Tensor, nn
 
 from heatlens.engine.heads import find_head, only_linear
 from heatlens.engine.layers import LayerSpec, module_by_name
-from heatlens.engine.maps import per_channel, safe_divide, spatial_dims
-from heatlens.methods.base import CAMExplainer, LayerCall
+from heatlens.engine.maps import safe_divide, spatial_dims
+from heatlens.methods.base import CAMExplainer, LayerCall, WeightedCAM
+from heatlens.methods.principal import first_principal_component
 from heatlens.methods.registry import register
+
+__all__ = ["first_principal_component"]  # kept importable from here
 
 
 @register
-class CAM(CAMExplainer):
+class CAM(WeightedCAM):
     """CAM (Zhou et al., CVPR 2016, Eq. 2): ``M_c = sum_k w^c_k A^k`` with ``w^c`` the row of the
     final linear layer for class ``c``.
 
@@ -32,9 +36,8 @@ class CAM(CAMExplainer):
     needs_gradients = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
-                 fc: str | nn.Module | None = None, relu: bool = True,
-                 fusion: str | None = None) -> None:
-        super().__init__(model, layer, relu=relu, fusion=fusion)
+                 fc: str | nn.Module | None = None, **options: Any) -> None:
+        super().__init__(model, layer, **options)
         if isinstance(fc, str):
             fc = module_by_name(self.model, fc)
         if fc is not None and not isinstance(fc, nn.Linear):
@@ -47,7 +50,7 @@ class CAM(CAMExplainer):
             )
         self.fc = fc
 
-    def layer_map(self, call: LayerCall) -> Tensor:
+    def layer_weights(self, call: LayerCall) -> Tensor:
         fc = self.fc if self.fc is not None else self._head(call)
         channels = call.activations.shape[1]
         if fc.in_features != channels:
@@ -61,7 +64,7 @@ class CAM(CAMExplainer):
             raise ValueError(
                 f"CAM needs class indices in 0..{fc.out_features - 1} of the linear layer"
             )
-        return per_channel(fc.weight[classes].to(call.activations.dtype), call.activations)
+        return fc.weight[classes]
 
     @staticmethod
     def _head(call: LayerCall) -> nn.Linear:
@@ -84,19 +87,20 @@ class CAM(CAMExplainer):
 
 
 @register
-class GradCAM(CAMExplainer):
+class GradCAM(WeightedCAM):
     """Grad-CAM (Selvaraju et al., ICCV 2017, Eq. 1-2):
     ``alpha_k = mean_ij G^k_ij``, ``M = sum_k alpha_k A^k``."""
 
     name = "gradcam"
 
-    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
+                        classes: Tensor) -> Tensor:
         assert gradients is not None
-        return per_channel(gradients.mean(dim=spatial_dims(gradients)), activations)
+        return gradients.mean(dim=spatial_dims(gradients))
 
 
 @register
-class GradCAMPlusPlus(CAMExplainer):
+class GradCAMPlusPlus(WeightedCAM):
     """Grad-CAM++ (Chattopadhay et al., WACV 2018, Eq. 19, with ``Y = exp(y)``):
     ``a^k_ij = G_ij^2 / (2 G_ij^2 + sum_ab A^k_ab G_ij^3)`` (0 where the denominator is 0),
     ``w_k = sum_ij a^k_ij relu(G^k_ij)``, ``M = sum_k w_k A^k``."""
@@ -104,29 +108,30 @@ class GradCAMPlusPlus(CAMExplainer):
     name = "gradcam++"
     aliases = ("gradcampp", "gradcam_plus_plus")
 
-    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
+                        classes: Tensor) -> Tensor:
         assert gradients is not None
         dims = spatial_dims(activations)
         g2 = gradients.pow(2)
         g3 = g2 * gradients
         total = activations.sum(dim=dims, keepdim=True)
         alpha = safe_divide(g2, 2 * g2 + total * g3)
-        return per_channel((alpha * gradients.clamp_min(0)).sum(dim=dims), activations)
+        return (alpha * gradients.clamp_min(0)).sum(dim=dims)
 
 
 @register
-class XGradCAM(CAMExplainer):
+class XGradCAM(WeightedCAM):
     """XGrad-CAM (Fu et al., BMVC 2020, Eq. 15):
     ``alpha_k = sum_ij (A^k_ij / sum_ab A^k_ab) G^k_ij`` (0 where ``sum_ab A^k_ab = 0``),
     ``M = sum_k alpha_k A^k``."""
 
     name = "xgradcam"
 
-    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
+                        classes: Tensor) -> Tensor:
         assert gradients is not None
         dims = spatial_dims(activations)
-        weights = safe_divide((gradients * activations).sum(dim=dims), activations.sum(dim=dims))
-        return per_channel(weights, activations)
+        return safe_divide((gradients * activations).sum(dim=dims), activations.sum(dim=dims))
 
 
 @register
@@ -137,9 +142,9 @@ class LayerCAM(CAMExplainer):
     name = "layercam"
     default_fusion = "tanh-max"
 
-    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+    def terms(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
-        return (gradients.clamp_min(0) * activations).sum(dim=1)
+        return gradients.clamp_min(0) * activations
 
 
 @register
@@ -149,9 +154,9 @@ class HiResCAM(CAMExplainer):
 
     name = "hirescam"
 
-    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+    def terms(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
-        return (gradients * activations).sum(dim=1)
+        return gradients * activations
 
 
 @register
@@ -162,32 +167,9 @@ class GradCAMElementWise(CAMExplainer):
     name = "gradcam_elementwise"
     aliases = ("elementwise",)
 
-    def cam(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
+    def terms(self, activations: Tensor, gradients: Tensor | None, classes: Tensor) -> Tensor:
         assert gradients is not None
-        return (gradients * activations).clamp_min(0).sum(dim=1)
-
-
-def first_principal_component(features: Tensor) -> Tensor:
-    """Projection of each position's channel vector on the first principal component.
-
-    ``features`` ``(B, C, *spatial)`` becomes ``X`` ``(N, C)`` per image (``N`` positions),
-    centred over positions; the map is ``X v_1`` with ``v_1`` the first right singular vector.
-    The sign of ``v_1`` is arbitrary in an SVD; it is fixed so the projection correlates
-    positively with the channel sum ``sum_k A^k`` (the salient region comes out positive), and
-    where that correlation is 0, so its largest-magnitude entry is positive.
-    """
-    flat = features.flatten(2).transpose(1, 2).double()  # (B, N, C)
-    centred = flat - flat.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    projection = (centred @ vh[:, 0, :, None])[..., 0]  # (B, N)
-    energy = flat.sum(dim=2)
-    agreement = (projection * (energy - energy.mean(dim=1, keepdim=True))).sum(dim=1)
-    peak = projection.gather(1, projection.abs().argmax(dim=1, keepdim=True))[:, 0]
-    sign = torch.where(agreement != 0, agreement.sign(), peak.sign())
-    sign = torch.where(sign == 0, 1.0, sign)
-    return (projection * sign[:, None]).to(features.dtype).reshape(
-        features.shape[0], *features.shape[2:]
-    )
+        return (gradients * activations).clamp_min(0)
 
 
 @register

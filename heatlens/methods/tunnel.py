@@ -99,6 +99,7 @@ class SmoothGrad(NoiseTunnel):
     ``|d y_c / d x|`` instead (see :class:`~heatlens.methods.gradients.Saliency`)."""
 
     name = "smoothgrad"
+    family = "pixel attributions"
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, samples: int = 10,
                  noise: float = 0.15, seed: int = 0, absolute: bool = False,
