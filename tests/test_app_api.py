@@ -68,7 +68,11 @@ def test_info_lists_every_method_by_family_and_the_automatic_layer(client, app_w
     assert all(m["family"] in FAMILIES and m["summary"] for m in offered.values())
     assert offered["gradcam"]["family"] == "gradient CAMs" and offered["gradcam"]["layer"]
     assert offered["scorecam"]["family"] == "perturbation CAMs" and offered["scorecam"]["slow"]
-    assert offered["saliency"]["family"] == "pixel attributions"
+    assert offered["saliency"]["family"] == "pixel attributions" and not offered["saliency"][
+        "layer"]
+    assert offered["layer_conductance"]["family"] == "layer attributions"
+    assert offered["layer_conductance"]["layer"] and offered["finercam"]["layer"]
+    assert offered["sobelcam"]["family"] == "controls"
     assert offered["attention_rollout"]["family"] == "transformer methods"
     assert set(info["default_methods"]) <= set(offered)
     probe = torch.zeros(1, 3, 224, 224)
@@ -98,7 +102,8 @@ def test_an_upload_answers_its_top_five_as_the_model_gives_them(coffee, app_work
 
 @pytest.mark.parametrize(("method", "rank", "layer"), [
     ("gradcam", 0, "auto"), ("gradcam++", 2, "auto"), ("layercam", 1, "_blocks.10"),
-    ("saliency", 3, "auto"),
+    ("saliency", 3, "auto"), ("layer_gradient_x_activation", 0, "_blocks.12"),
+    ("finercam", 1, "_blocks.14"),
 ])
 def test_a_map_is_what_heatlens_explain_gives(client, coffee, app_workbench, method, rank,
                                               layer):

@@ -32,6 +32,7 @@ from heatlens.loading.images import load_image
 from heatlens.loading.models import LoadedModel
 from heatlens.methods.base import CAMExplainer
 from heatlens.methods.registry import canonical_name, list_methods, method_class, method_info
+from heatlens.methods.wrapping import Wrapper
 from heatlens.metrics.html import png_data_url
 
 MAX_BYTES = 20 << 20
@@ -45,12 +46,15 @@ TRUST_STEP = 0.05
 """Pixels removed or inserted per step of the page's deletion and insertion curves: 5 % (21
 points a curve) keeps a panel's scores to a few seconds on a CPU; ``heatlens compare`` and
 :func:`heatlens.evaluate` default to 1 %."""
-FAMILIES = ("gradient CAMs", "perturbation CAMs", "pixel attributions", "transformer methods",
-            "controls", "other methods")
+FAMILIES = ("gradient CAMs", "perturbation CAMs", "pixel attributions", "layer attributions",
+            "transformer methods", "controls", "other methods")
 DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "eigencam", "scorecam",
                    "integrated_gradients")
 SLOW_FAMILIES = ("perturbation CAMs",)
-SLOW_METHODS = ("integrated_gradients", "occlusion", "rise", "smoothgrad")
+SLOW_METHODS = ("integrated_gradients", "occlusion", "rise", "smoothgrad", "lime", "kernel_shap",
+                "gradient_shap", "deeplift_shap", "layer_integrated_gradients",
+                "layer_conductance", "sess")
+"""Methods that run the model many times besides the perturbation CAMs: marked slow."""
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -61,6 +65,12 @@ def encode_map(values: np.ndarray) -> str:
     """A map as it travels to the page: its float32 values, little-endian, row by row, in
     base64 (the page reads them into a ``Float32Array``)."""
     return base64.b64encode(values.astype("<f4").tobytes()).decode("ascii")
+
+
+def takes_layer(cls: type) -> bool:
+    """Whether a method explains at the layer the page picks: the CAMs, the methods around
+    them, the layer attributions and Guided Grad-CAM."""
+    return issubclass(cls, CAMExplainer | Wrapper) or getattr(cls, "uses_layer", False)
 
 
 class Recent(Generic[K, V]):
@@ -184,7 +194,7 @@ class Workbench:
             cls = method_class(name)
             info = method_info(name)
             listed.append({"name": name, "aliases": list(info.aliases), "family": cls.family,
-                           "summary": info.summary, "layer": issubclass(cls, CAMExplainer),
+                           "summary": info.summary, "layer": takes_layer(cls),
                            "slow": cls.family in SLOW_FAMILIES or name in SLOW_METHODS})
         order = {family: i for i, family in enumerate(FAMILIES)}
         return sorted(listed, key=lambda m: (order.get(m["family"], len(FAMILIES)), m["name"]))
@@ -232,8 +242,7 @@ class Workbench:
         if not 0 <= cls < self.classes:
             raise ValueError(f"class {cls} is out of range: the model has {self.classes} "
                              f"classes (0..{self.classes - 1})")
-        takes_layer = issubclass(method_class(name), CAMExplainer)
-        layer = layer if takes_layer else "auto"
+        layer = layer if takes_layer(method_class(name)) else "auto"
         known = [c["name"] for c in self.layers.get("candidates", [])]
         if layer != "auto" and known and layer not in known:
             raise ValueError(f"the model has no layer {layer!r} with a spatial output; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from heatlens.engine.budget import DEFAULT_BUDGET, budget_bytes, items_per_chunk, progress
 from heatlens.engine.layers import LayerSpec
-from heatlens.engine.targets import Target
+from heatlens.engine.targets import Target, primary_output
 from heatlens.explanation import Explanation
 from heatlens.methods.base import Explainer, build_explanation
 
@@ -121,3 +122,87 @@ def input_gradients(model: nn.Module, x: Tensor, target: Target, classes: Tensor
         raise ValueError("the target score does not depend on the input: no gradient can flow")
     (grad,) = torch.autograd.grad(total, leaf)
     return grad, scores.detach()
+
+
+def broadcast_reference(reference: Tensor, x: Tensor, what: str = "baseline") -> Tensor:
+    """A reference tensor (a baseline) given by the user, on ``x``'s device and dtype and
+    broadcast to ``x``'s shape; a ``ValueError`` saying both shapes when it does not fit."""
+    try:
+        return torch.broadcast_to(reference.to(x), x.shape)
+    except RuntimeError:
+        raise ValueError(f"{what} of shape {tuple(reference.shape)} does not broadcast to the "
+                         f"inputs' shape {tuple(x.shape)}") from None
+
+
+def reference_distribution(reference: Tensor, x: Tensor) -> Tensor:
+    """A distribution of references ``(K, C, *spatial)`` for inputs ``x`` ``(B, C, *spatial)``
+    (a single ``(C, *spatial)`` reference is a distribution of one)."""
+    reference = reference.to(x)
+    if reference.ndim == x.ndim - 1:
+        reference = reference[None]
+    if reference.ndim != x.ndim or reference.shape[1:] != x.shape[1:]:
+        raise ValueError(f"baselines must be (K, {', '.join(map(str, x.shape[1:]))}) to go "
+                         f"with inputs of shape {tuple(x.shape)}, not {tuple(reference.shape)}")
+    return reference
+
+
+def with_input(func: Callable[..., Any], rest: tuple = (), kwargs: dict | None = None
+               ) -> Callable[..., Any]:
+    """``func(x, *rest, **kwargs)`` as a function of its first argument(s) ``x``: an operation
+    caught by a torch function mode, to be run again on other inputs."""
+    kwargs = kwargs or {}
+
+    def call(*xs: Any) -> Any:
+        return func(*xs, *rest, **kwargs)
+
+    return call
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one attribution pass gives: the attributions, and the model's output on the inputs
+    with the class explained for each image and its score (read from that output)."""
+
+    attributions: Tensor
+    output: Any
+    classes: Tensor
+    scores: Tensor
+    details: dict
+
+
+class OnePassAttribution(AttributionExplainer):
+    """An attribution method whose own pass over the inputs gives the model's output, from
+    which the class explained is read, sparing :class:`AttributionExplainer`'s separate pass.
+    A subclass defines :meth:`attribute_pass`, which takes the classes when they are known
+    (``None``: read them from the output) and :meth:`fits_one_pass`."""
+
+    @abstractmethod
+    def attribute_pass(self, x: Tensor, target: Target, classes: Tensor | None) -> PassResult:
+        """The attributions of ``x`` for ``classes`` (or the target's classes on the output)."""
+
+    def fits_one_pass(self, x: Tensor) -> bool:
+        """Whether the whole batch runs in one pass (otherwise the classes come first)."""
+        return x.shape[0] <= items_per_chunk(self.model, x[:1], self.memory_budget,
+                                             with_gradients=True)
+
+    def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:
+        result = self.attribute_pass(x, target, classes)
+        return result.attributions, result.details
+
+    def _explain(self, x: Tensor, target: Target) -> Explanation:
+        if not self.fits_one_pass(x):
+            return super()._explain(x, target)
+        result = self.attribute_pass(x, target, None)
+        with torch.no_grad():
+            maps = self.postprocess({"input": result.attributions}, x)
+        return build_explanation(self.name, maps, {"input": result.attributions.detach()},
+                                 result.output, target, result.classes, result.scores,
+                                 ("input",), "attributions on the input", result.details)
+
+
+def classes_and_scores(output: Any, target: Target, classes: Tensor | None, batch: int
+                       ) -> tuple[Tensor, Tensor]:
+    """The classes (given, or the target's on ``output``) and their scores, differentiable."""
+    if classes is None:
+        classes = target.classes(output, batch).to(primary_output(output).device)
+    return classes, target.score(output, classes)

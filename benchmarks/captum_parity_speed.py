@@ -1,0 +1,200 @@
+"""Speed of the Captum-parity methods (issue 15) against Captum 0.9, side by side.
+
+One process, CPU; heatlens and Captum each on their own deep copy of one seeded model in eval
+mode. Every case first checks that both give the same attribution (the largest difference,
+relative to the attribution's largest magnitude, is printed), then times both, alternating
+(best of ``--repeats`` runs each), and prints ``captum / heatlens`` (above 1: heatlens is
+faster).
+
+Models: DeepLIFT and DeepLIFT-SHAP on a CNN whose nonlinear modules are never adjacent (where
+they are, Captum's hooks lose summation-to-delta, see ``tests/test_parity_captum.py``);
+GradientSHAP, the layer methods, KernelSHAP and LIME on torchvision ``resnet18`` (seeded random
+weights); LRP on torchvision ``vgg11`` (seeded random weights). Captum's LIME and
+KernelSHAP evaluate ``perturbations_per_eval=64`` samples per pass (its default of 1 is far
+slower); the draws are the same (``draws="captum"``).
+
+Run from the repository root::
+
+    python benchmarks/captum_parity_speed.py [--repeats 3] [--only deeplift,lrp] [--budget 2048]
+
+``--budget`` (MiB) sets heatlens's ``memory_budget`` (default: its own, 256 MiB); Captum runs
+each of its batches whole (all steps or samples at once), whatever memory that takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision
+from perturbation_speed import best_and_median  # this folder is on the path when run
+from torch import Tensor, nn
+
+import heatlens
+
+warnings.filterwarnings("ignore")
+OPTIONS: dict[str, int] = {}
+"""Options every heatlens call gets (``memory_budget``)."""
+
+
+def explain(*args: object, **kwargs: object) -> heatlens.Explanation:
+    return heatlens.explain(*args, **kwargs, **OPTIONS)
+
+
+def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def alternating_cnn() -> nn.Module:
+    """Conv, batch norm, ReLU, conv, max pooling, ...: no two nonlinear modules adjacent."""
+    layers: list[nn.Module] = []
+    width = 3
+    for out in (32, 64, 128):
+        layers += [nn.Conv2d(width, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
+                   nn.Conv2d(out, out, 3, padding=1), nn.MaxPool2d(2)]
+        width = out
+    return nn.Sequential(*layers, nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+def images(batch: int, size: int, seed: int = 1) -> Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def captum_seeded(fn: Callable[[], Tensor], seed: int) -> Callable[[], Tensor]:
+    """``fn`` run after ``np.random.seed(seed); torch.manual_seed(seed)``."""
+
+    def run() -> Tensor:
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return fn()
+
+    return run
+
+
+@dataclass
+class Case:
+    name: str
+    ours: Callable[[], Tensor]
+    theirs: Callable[[], Tensor]
+
+
+def cases() -> dict[str, Callable[[], Case]]:
+    from captum import attr
+
+    def plain(title: str, build: Callable[[], nn.Module], x: Tensor, method: str,
+              captum_name: str) -> Callable[[], Case]:
+        def make() -> Case:
+            model = seeded(build)
+            theirs = getattr(attr, captum_name)(copy.deepcopy(model))
+            return Case(title, lambda: explain(model, x, method, target=3).raw,
+                        lambda: theirs.attribute(x, target=3))
+
+        return make
+
+    def deeplift_shap() -> Case:
+        model, x, refs = seeded(alternating_cnn), images(4, 64), 0.3 * images(8, 64, seed=2)
+        theirs = attr.DeepLiftShap(copy.deepcopy(model))
+        return Case("DeepLiftShap, same CNN, batch 4 x 8 baselines",
+                    lambda: explain(model, x, "deeplift_shap", target=3,
+                                             baseline=refs).raw,
+                    lambda: theirs.attribute(x, baselines=refs, target=3))
+
+    def gradient_shap() -> Case:
+        model, x = seeded(torchvision.models.resnet18), images(2, 112)
+        refs = 0.3 * images(8, 112, seed=2)
+        theirs = attr.GradientShap(copy.deepcopy(model))
+        return Case("GradientShap, resnet18, batch 2, 112 px, 20 samples, stdev 0.1",
+                    lambda: explain(model, x, "gradient_shap", target=3, baseline=refs,
+                                             samples=20, stdev=0.1, seed=4, draws="captum").raw,
+                    captum_seeded(lambda: theirs.attribute(x, baselines=refs, target=3,
+                                                           n_samples=20, stdevs=0.1), 4))
+
+    def layer_case(method: str, captum_cls: str, steps: int | None) -> Callable[[], Case]:
+        def build() -> Case:
+            model, x = seeded(torchvision.models.resnet18), images(2, 112)
+            other = copy.deepcopy(model)
+            theirs = getattr(attr, captum_cls)(other, other.layer3)
+            ours_options = {} if steps is None else {"steps": steps}
+            theirs_options = {} if steps is None else {"n_steps": steps}
+            return Case(f"{captum_cls}, resnet18 layer3, batch 2, 112 px"
+                        + ("" if steps is None else f", {steps} steps"),
+                        lambda: explain(model, x, method, target=3, layer="layer3",
+                                                 **ours_options).raw_by_layer["layer3"],
+                        lambda: theirs.attribute(x, target=3, **theirs_options))
+
+        return build
+
+    def surrogate(method: str, captum_cls: str) -> Callable[[], Case]:
+        def build() -> Case:
+            from heatlens.methods.features import grid_features
+
+            model, x = seeded(torchvision.models.resnet18), images(1, 64)
+            mask = grid_features(x, 8)  # 64 patches
+            theirs = getattr(attr, captum_cls)(copy.deepcopy(model))
+            options = {"surrogate": "linear"} if method == "lime" else {}
+            if method == "lime":  # the same surrogate on both sides
+                from captum._utils.models.linear_model import SkLearnLinearRegression
+
+                theirs = attr.Lime(copy.deepcopy(model),
+                                   interpretable_model=SkLearnLinearRegression())
+            return Case(f"{captum_cls}, resnet18, 64 px, 64 patches, 256 samples",
+                        lambda: explain(model, x, method, target=3, features=mask,
+                                                 samples=256, seed=4, draws="captum",
+                                                 **options).raw,
+                        captum_seeded(lambda: theirs.attribute(
+                            x, target=3, feature_mask=mask, n_samples=256,
+                            perturbations_per_eval=64), 4))
+
+        return build
+
+    return {
+        "deeplift": plain("DeepLift, 6-conv CNN, batch 4, 64 px", alternating_cnn,
+                          images(4, 64), "deeplift", "DeepLift"),
+        "deeplift_shap": deeplift_shap, "gradient_shap": gradient_shap,
+        "layer_gradient_x_activation": layer_case("layer_gradient_x_activation",
+                                                  "LayerGradientXActivation", None),
+        "layer_integrated_gradients": layer_case("layer_integrated_gradients",
+                                                 "LayerIntegratedGradients", 50),
+        "layer_conductance": layer_case("layer_conductance", "LayerConductance", 50),
+        "kernel_shap": surrogate("kernel_shap", "KernelShap"),
+        "lime": surrogate("lime", "Lime"),
+        "lrp": plain("LRP (epsilon), torchvision vgg11, batch 2, 64 px",
+                     torchvision.models.vgg11, images(2, 64), "lrp", "LRP"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", default="", help="comma-separated case names")
+    parser.add_argument("--budget", type=int, default=0, help="heatlens memory_budget, MiB")
+    args = parser.parse_args()
+    if args.budget:
+        OPTIONS["memory_budget"] = args.budget << 20
+    chosen = [c for c in args.only.split(",") if c] or list(cases())
+    budget = f"{args.budget} MiB" if args.budget else "default (256 MiB)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; heatlens memory "
+          f"budget {budget}; best of {args.repeats} runs, in seconds; ratio = captum / heatlens")
+    print(f"{'case':<66} {'rel diff':>9} {'heatlens':>9} {'captum':>9} {'ratio':>6}")
+    for key in chosen:
+        case = cases()[key]()
+        ours, theirs = case.ours(), case.theirs()  # also warms both up
+        diff = float((ours - theirs.detach()).abs().max() / theirs.detach().abs().max())
+        # alternate the two, so that a change of the machine's load falls on both
+        rounds = [(best_and_median(case.ours, 1)[0], best_and_median(case.theirs, 1)[0])
+                  for _ in range(args.repeats)]
+        best_ours, best_theirs = (min(times) for times in zip(*rounds, strict=True))
+        print(f"{case.name:<66} {diff:>9.1e} {best_ours:>9.3f} {best_theirs:>9.3f} "
+              f"{best_theirs / best_ours:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
