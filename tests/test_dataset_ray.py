@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from threads import one_intraop_thread
 from torch import nn
 
 import heatlens
@@ -80,12 +80,8 @@ def explain_here(model: nn.Module, photos: Path, out: Path, **options: Any) -> h
     """A run of the local engine, on one thread as the Ray engine's one-CPU actor (Ray sets
     its OMP_NUM_THREADS=1): other thread counts sum in another order, and the stored float16
     maps then differ by one unit in the last place here and there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intraop_thread():
         return heatlens.explain_dataset(model, photos, out, **options, **OPTIONS)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def rows_of(run: heatlens.Run, ignored: tuple[str, ...] = IGNORED) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from threads import one_intraop_thread
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
@@ -133,12 +134,8 @@ METHODS = {
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Many tiny calls: one intra-op thread is faster on a shared machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intraop_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

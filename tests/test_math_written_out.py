@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from captum.attr import IntegratedGradients as CaptumIG
 from captum.attr._utils.visualization import _normalize_attr
 from scipy.ndimage import gaussian_filter
+from threads import one_intraop_thread
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -36,12 +37,8 @@ from heatlens.methods.perturbation import RISE
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Small models: one intra-op thread is faster on a shared machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intraop_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:

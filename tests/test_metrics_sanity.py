@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity as skimage_ssim
 from test_engine import assert_same_state, snapshot
+from threads import one_intraop_thread
 from torch import Tensor, nn
 
 import heatlens
@@ -35,10 +36,8 @@ SIZE, PATCH, CLASSES = 24, 6, 4
 def one_thread():
     """These models are tiny: one intra-op thread is faster than two fighting over a busy CPU.
     Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intraop_thread():
+        yield
 
 
 def patterns(n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:

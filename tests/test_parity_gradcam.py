@@ -48,6 +48,7 @@ from pytorch_grad_cam.utils.model_targets import (
     ClassifierOutputTarget,
     SemanticSegmentationTarget,
 )
+from threads import one_intraop_thread
 from torch import Tensor, nn
 
 import heatlens
@@ -63,10 +64,8 @@ TARGETS = [281, 967]  # chelsea: tabby; coffee: espresso
 def one_thread():
     """One torch thread for this file: the maps are small, and on a machine whose cores are
     shared a second thread mostly waits (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intraop_thread():
+        yield
 
 
 def shrunk(images: Tensor, side: int) -> Tensor:

@@ -34,6 +34,7 @@ from pytorch_grad_cam import AblationCAM as PgcAblationCAM
 from pytorch_grad_cam import FullGrad as PgcFullGrad
 from pytorch_grad_cam import ScoreCAM as PgcScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from threads import one_intraop_thread
 from torch import Tensor, nn
 
 import heatlens
@@ -55,16 +56,12 @@ BUDGETED = ["scorecam", "sscam", "iscam", "ablationcam", "smooth_gradcam++"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_intraop_thread():
+def one_thread():
     """This file runs thousands of small forward passes. On the shared 2-core machine one
     intra-op thread ran it in about half the time of two (three times faster while other jobs
     ran); results do not depend on it. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intraop_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --- helpers written here (nothing imported from heatlens) --------------------------------------

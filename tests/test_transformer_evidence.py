@@ -52,6 +52,7 @@ import pytest
 import sklearn.datasets as sklearn_datasets
 import torch
 import torch.nn.functional as F
+from threads import one_intraop_thread
 from torch import nn
 
 import heatlens
@@ -140,10 +141,8 @@ def digit_vit() -> DigitViT:
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The explanations in this file also run on one thread (see ``train_digit_vit``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intraop_thread():
+        yield
 
 
 def quadrant_masks(quadrants: torch.Tensor) -> torch.Tensor:

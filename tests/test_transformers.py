@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.models as torchvision_models
 import transformers
+from threads import one_intraop_thread
 from torch import Tensor, nn
 
 import heatlens
@@ -217,12 +218,8 @@ TOKEN_MODELS = {
 @pytest.fixture
 def one_thread():
     """Many small passes: one intra-op thread is faster on a shared machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intraop_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
