@@ -34,6 +34,37 @@ def test_non_finite_images_are_named(resnet, method, bad):
         heatlens.explain(resnet, x, method)
 
 
+def test_huge_finite_images_are_not_called_non_finite():
+    """The finiteness check sums the batch first: a sum that overflows to inf must not be taken
+    for a NaN or infinite pixel."""
+    x = torch.full((2, 3, 8, 8), 3e38)
+    assert torch.isinf(x.sum()) and torch.isfinite(x).all()
+    explained = heatlens.explain(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten()).eval(), x,
+                                 "sobelcam")
+    assert explained.maps.shape == (2, 8, 8)
+
+
+def test_a_model_blind_control_never_runs_the_model(recwarn):
+    """SobelCAM checks the inputs but neither runs the model nor reads its modes: a model whose
+    forward pass raises, left in training mode, gives the edges without a warning."""
+
+    class Unusable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("a control ran the model")
+
+    x = torch.zeros(1, 3, 6, 6)
+    x[..., 3:] = 1.0
+    explained = heatlens.explain(Unusable().train(), x, "sobelcam")
+    assert not [w for w in recwarn if "training mode" in str(w.message)]
+    assert explained.maps[0, :, 2:4].eq(1).all() and explained.maps[0, :, [0, 5]].eq(0).all()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        heatlens.explain(Unusable(), torch.full((1, 3, 6, 6), float("nan")), "sobelcam")
+
+
 def test_factorize_refuses_non_finite_images(resnet):
     x = X.clone()
     x[0] = float("nan")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from heatlens.engine.capture import forward_with_capture, gradients_of
-from heatlens.engine.entry import OutputKey, entered, model_to_explain
+from heatlens.engine.entry import OutputKey, as_batch, entered, model_to_explain
 from heatlens.engine.layers import LayerSpec, resolve_layers
 from heatlens.engine.maps import FUSIONS, constant_maps, minmax, per_channel, upsample
 from heatlens.engine.notices import warn
@@ -83,6 +83,9 @@ class Explainer(ABC):
     aliases: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = "other methods"
     """The group a method is listed in (the web app's method picker)."""
+    reads_model: ClassVar[bool] = True
+    """``False`` for a model-blind control: a call checks the inputs but neither runs nor
+    inspects the model (no training-mode warning, no buffer guard: nothing can change)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model: nn.Module = model_to_explain(model)
@@ -98,6 +101,8 @@ class Explainer(ABC):
         is in training mode (batch-norm statistics do not move), and the call works from inside
         ``torch.inference_mode()`` (:func:`heatlens.engine.entry.entered`)."""
         goal = as_target(target, labels)
+        if not self.reads_model:
+            return self._explain(as_batch(inputs, self.model), goal)
         with entered(self.model, inputs, output=output) as x:
             return self._explain(x, goal)
 

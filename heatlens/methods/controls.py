@@ -49,6 +49,7 @@ class SobelCAM(Explainer):
     name = "sobelcam"
     family = "controls"
     aliases = ("sobel",)
+    reads_model = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto") -> None:
         super().__init__(model)
