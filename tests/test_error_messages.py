@@ -1,0 +1,164 @@
+"""The engine's and CAM's error messages, word for word.
+
+A message is the user's only guide from a refused call to the fix (``docs/design.md``: a clear
+error that names the problem and the fix), so its text is part of what a call returns: each test
+here triggers one error and compares the whole message with the text it must read, the values in
+it (layer names, channel counts, class ranges) computed in the test. Changing a message's wording
+means changing it here on purpose.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import heatlens
+from heatlens.engine.capture import forward_with_capture, gradients_of
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def message(exc: pytest.ExceptionInfo[BaseException]) -> str:
+    return str(exc.value)
+
+
+# --- heatlens/methods/cam.py --------------------------------------------------------------------
+
+
+class ConvOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+class PooledHead(nn.Module):
+    """conv -> global average pooling -> ``fc``, with ``head`` in front of ``fc`` (identity by
+    default) and a spare linear layer ``other`` of a different width."""
+
+    def __init__(self, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = head or nn.Identity()
+        self.fc = nn.Linear(6, 4)
+        self.other = nn.Linear(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.head(self.conv(x).mean(dim=(2, 3))))
+
+
+class TwoLayerHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.classifier = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_cam_without_a_linear_layer():
+    with pytest.raises(ValueError) as exc:
+        heatlens.create_explainer("cam", ConvOnly().eval(), layer="conv")
+    assert message(exc) == (
+        "CAM needs a head of global average pooling followed by one nn.Linear layer, and this "
+        "model has no nn.Linear. Grad-CAM works on any model and equals CAM on those that have "
+        "such a head: use method='gradcam'."
+    )
+
+
+def test_cam_with_a_linear_layer_of_the_wrong_width():
+    with pytest.raises(ValueError) as exc:
+        heatlens.explain(PooledHead().eval(), X, "cam", layer="conv", fc="other", target=0)
+    assert message(exc) == (
+        "CAM needs the linear layer to read the pooled 6 channels of the layer explained, but "
+        "it takes 5 features: the head is not global average pooling + linear at this layer. "
+        "Use method='gradcam' instead."
+    )
+
+
+def test_cam_when_no_head_reproduces_the_output():
+    torch.manual_seed(0)
+    model = PooledHead(nn.Tanh()).eval()  # pooling -> tanh -> fc: fc does not read the pooling
+    with pytest.raises(ValueError) as exc:
+        heatlens.explain(model, X, "cam", layer="conv", target=0)
+    assert re.fullmatch(
+        r"CAM needs a head of global average pooling followed by one nn\.Linear layer at the "
+        r"layer explained: .+ Grad-CAM works on any model and equals CAM on those that have such "
+        r"a head: use method='gradcam' \(or pass fc= to name the layer\)\.",
+        message(exc), flags=re.DOTALL,
+    ), message(exc)
+
+
+def test_cam_with_a_head_of_several_layers():
+    with pytest.raises(ValueError) as exc:
+        heatlens.explain(TwoLayerHead().eval(), X, "cam", layer="conv", target=0)
+    assert message(exc) == (
+        "CAM needs a head of global average pooling followed by one nn.Linear layer; this "
+        "model's head is Sequential with more than one layer. Use method='gradcam'."
+    )
+
+
+# --- heatlens/engine/capture.py -----------------------------------------------------------------
+
+
+class Pair(nn.Module):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, x
+
+
+class WithSpare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = Pair()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.spare = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.pair(x)[0]).mean(dim=(2, 3))
+
+
+def test_capture_of_a_layer_that_returns_no_tensor():
+    model = WithSpare().eval()
+    with pytest.raises(TypeError) as exc:
+        forward_with_capture(model, X, {"pair": model.pair}, with_gradients=False)
+    assert message(exc) == (
+        "layer 'pair' (Pair) returns tuple, not a tensor; choose a layer whose output is a "
+        "feature map (see `heatlens layers` or heatlens.candidate_layers(model, inputs))"
+    )
+
+
+def test_capture_of_a_layer_that_never_runs():
+    model = WithSpare().eval()
+    with pytest.raises(RuntimeError) as exc:
+        forward_with_capture(model, X, {"conv": model.conv, "spare": model.spare},
+                             with_gradients=False)
+    assert message(exc) == (
+        "layer(s) ['spare'] did not run during the forward pass, so nothing was captured. A "
+        "scripted (torch.jit) or compiled (torch.compile) model does not call Python hooks: pass "
+        "the original eager nn.Module instead; otherwise pick a layer that forward() uses."
+    )
+
+
+def test_gradients_of_a_score_without_a_graph():
+    with pytest.raises(ValueError) as exc:
+        gradients_of(torch.ones(2), [torch.ones(2, requires_grad=True)], ["a", "b"])
+    assert message(exc) == (
+        "the target score does not depend on layer(s) ['a', 'b']: no gradient can flow. Pick a "
+        "layer that lies between the input and the output."
+    )
+
+
+def test_gradients_of_a_layer_the_score_does_not_read():
+    used, unused = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError) as exc:
+        gradients_of(used * 3, [used, unused], ["used", "unused"])
+    assert message(exc) == (
+        "the target score does not depend on layer 'unused': its gradient is empty. Pick a "
+        "layer that lies between the input and the output."
+    )
