@@ -36,27 +36,27 @@ def fuse_heads(attention: Tensor, fusion: str) -> Tensor:
 
 
 def discard_lowest(fused: Tensor, ratio: float, prefix: int) -> Tensor:
-    """Set the lowest ``ratio`` of each image's entries to 0, never those in the prefix
-    (class) tokens' columns: attention paid to the class token is always kept."""
-    if ratio <= 0:
-        return fused
+    """Set the lowest ``int(N^2 ratio)`` of each image's ``N x N`` entries to 0, never those in
+    the prefix (class) tokens' columns: attention paid to the class token is always kept (at
+    most the ``N (N - prefix)`` other entries go; ``ratio = 0`` changes nothing)."""
     batch, n, _ = fused.shape
     keep = torch.zeros_like(fused, dtype=torch.bool)
     keep[:, :, :prefix] = True
     flat = fused.masked_fill(keep, float("inf")).flatten(1)
     count = min(int(flat.shape[1] * ratio), n * (n - prefix))
-    lowest = flat.topk(count, dim=1, largest=False).indices
+    lowest = flat.topk(count, largest=False).indices
     return fused.flatten(1).scatter(1, lowest, 0.0).reshape(batch, n, n)
 
 
 def rollout(fused: list[Tensor]) -> Tensor:
     """Abnar & Zuidema (ACL 2020, Sec. 3): with ``Ā_l = (A_l + I) / 2`` rows normalised to
     sum 1, ``R = Ā_L Ā_{L-1} ... Ā_1``; ``fused`` are the ``(B, N, N)`` matrices of the layers
-    in the order they run."""
+    in the order they run. The halving cancels in the normalisation, so ``Ā_l`` is computed as
+    ``A_l + I`` over its row sums."""
     eye = torch.eye(fused[0].shape[-1], dtype=fused[0].dtype, device=fused[0].device)
     result = eye.expand_as(fused[0])
     for attention in fused:
-        step = (attention + eye) / 2
+        step = attention + eye
         step = step / step.sum(dim=-1, keepdim=True)
         result = step @ result
     return result
