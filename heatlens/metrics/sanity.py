@@ -123,12 +123,12 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     ReLU can be, comes out 0.690 where the rank correlation is 0.703).
     """
     ra, rb = average_ranks(a.flatten(1)), average_ranks(b.flatten(1))
-    ra = ra - ra.mean(dim=1, keepdim=True)
-    rb = rb - rb.mean(dim=1, keepdim=True)
+    centre = (ra.shape[1] + 1) / 2  # the mean rank of every map (ties share theirs: same sum)
+    ra, rb = ra - centre, rb - centre
     norm = (ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt()
     rho = ((ra * rb).sum(dim=1) / norm.clamp_min(1e-300)).clamp(-1.0, 1.0)
     flat_a, flat_b = constant_maps(a), constant_maps(b)
-    return torch.where(flat_a | flat_b, (flat_a & flat_b).to(rho.dtype), rho)
+    return torch.where(flat_a | flat_b, flat_a & flat_b, rho)  # bool promoted to rho's dtype
 
 
 def structural_similarity(a: Tensor, b: Tensor) -> Tensor:
@@ -163,7 +163,7 @@ def structural_similarity(a: Tensor, b: Tensor) -> Tensor:
     x, y = _precise(minmax(a))[:, None], _precise(minmax(b))[:, None]
     _, full = structural_similarity_index_measure(
         x, y, gaussian_kernel=True, sigma=SSIM_SIGMA, data_range=1.0, k1=0.01, k2=0.03,
-        reduction="none", return_full_image=True,
+        return_full_image=True,
     )
     edge = (SSIM_WINDOW - 1) // 2
     inside = full[(slice(None), 0, *[slice(edge, -edge)] * len(spatial))]
@@ -252,7 +252,7 @@ def _step_modules(model: nn.Module, names: Sequence[str]) -> list[list[nn.Module
     steps = set(names)
     groups = []
     for name in names:
-        root = module_by_name(model, name) if name else model
+        root = module_by_name(model, name)  # "" is the root itself
         group = []
         for sub, module in root.named_modules(prefix=name):
             owner = sub if sub in steps else next(a for a in _ancestors(sub) if a in steps)
@@ -336,10 +336,10 @@ def cascading_randomisation(model: nn.Module, inputs: Tensor, explain: Explain, 
         threshold: the largest mean rank correlation that still fails, in ``(-1, 1]``.
     """
     _check_threshold(threshold)
-    x = as_batch(inputs, model)
-    classes = _as_classes(classes, x)
     twin = _copy_of(model)
-    names = randomisation_order(twin, x) if layers is None else _checked_layers(twin, layers)
+    x = as_batch(inputs, twin)
+    classes = _as_classes(classes, x)
+    names = randomisation_order(twin, x) if layers is None else _checked_layers(layers)
     groups = _step_modules(twin, names)
     original = _maps_of(explain, twin, x, classes, "the intact model")
     steps = []
@@ -393,9 +393,9 @@ def random_logit(model: nn.Module, inputs: Tensor, explain: Explain, classes: Te
         threshold: the largest mean rank correlation that still fails, in ``(-1, 1]``.
     """
     _check_threshold(threshold)
-    x = as_batch(inputs, model)
-    classes = _as_classes(classes, x)
     twin = _copy_of(model)
+    x = as_batch(inputs, twin)
+    classes = _as_classes(classes, x)
     num_classes = _class_count(twin, x)
     if bool((classes < 0).any()) or bool((classes >= num_classes).any()):
         raise ValueError(
@@ -449,7 +449,9 @@ def _as_classes(classes: Tensor | int, x: Tensor) -> Tensor:
     return classes.to(x.device, torch.long)
 
 
-def _checked_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
+def _checked_layers(layers: Sequence[str]) -> list[str]:
+    """``layers`` as a list of distinct names; whether each names a layer of the model is
+    checked by :func:`_step_modules`, which looks them up before the method runs."""
     if isinstance(layers, str):
         raise TypeError(f"layers is a list of layer names, top first: pass [{layers!r}]")
     names = list(layers)
@@ -457,9 +459,6 @@ def _checked_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
         raise ValueError("layers is empty: name at least one layer to randomise, or pass None")
     if len(set(names)) != len(names):
         raise ValueError(f"layers names a layer more than once: {names}")
-    for name in names:
-        if name:
-            module_by_name(model, name)
     return names
 
 
