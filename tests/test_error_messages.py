@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import heatlens
 from heatlens.engine.capture import forward_with_capture, gradients_of
+from heatlens.metrics.sanity import _step_modules, cascading_randomisation
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -161,4 +162,68 @@ def test_gradients_of_a_layer_the_score_does_not_read():
     assert message(exc) == (
         "the target score does not depend on layer 'unused': its gradient is empty. Pick a "
         "layer that lies between the input and the output."
+    )
+
+
+# --- heatlens/methods/rollout.py ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=8, patch_size=4, num_classes=3, embed_dim=8, depth=1,
+                             num_heads=2).eval()
+
+
+@pytest.mark.parametrize("method", ["attention_rollout", "gradient_rollout", "chefer"])
+def test_attention_methods_take_no_layer(tiny_vit, method):
+    with pytest.raises(ValueError) as exc:
+        heatlens.create_explainer(method, tiny_vit, layer="blocks.0")
+    assert message(exc) == (
+        f"{method} combines every attention layer: layer= does not apply (use a CAM method to "
+        "explain one layer)"
+    )
+    assert heatlens.explain(tiny_vit, X, method, target=0).layer_reason == "all attention layers"
+
+
+@pytest.mark.parametrize("method", ["gradient_rollout", "chefer"])
+def test_attention_gradients_of_a_score_without_a_graph(tiny_vit, method):
+    with pytest.raises(ValueError) as exc:
+        heatlens.explain(tiny_vit, X, method, target=lambda output: output.detach()[:, 0])
+    assert message(exc) == "the target score does not depend on the attention: no gradient can flow"
+
+
+# --- heatlens/metrics/sanity.py -----------------------------------------------------------------
+
+
+def gradcam(model: nn.Module, x: Tensor, classes: Tensor) -> Tensor:
+    return heatlens.explain(model, x, "gradcam", layer="conv", target=classes).maps
+
+
+def test_sanity_threshold_outside_a_correlation():
+    with pytest.raises(ValueError) as exc:
+        cascading_randomisation(PooledHead().eval(), X, gradcam, torch.tensor([0, 1]),
+                                threshold=1.5)
+    assert message(exc) == (
+        "threshold is a rank correlation, in (-1, 1]; got 1.5. The default 0.5 fails a map that "
+        "keeps a correlation of 0.5 or more"
+    )
+
+
+def test_sanity_with_no_layer_to_randomise():
+    with pytest.raises(ValueError) as exc:
+        cascading_randomisation(PooledHead().eval(), X, gradcam, torch.tensor([0, 1]), layers=[])
+    assert message(exc) == (
+        "layers is empty: name at least one layer to randomise, or pass None"
+    )
+
+
+def test_sanity_step_without_weights_of_its_own():
+    with pytest.raises(ValueError) as exc:
+        _step_modules(PooledHead().eval(), ["head"])
+    assert message(exc) == (
+        "layer 'head' has no weights of its own to randomise (no parameters, no running "
+        "statistics outside the other layers listed); name a layer that has"
     )
