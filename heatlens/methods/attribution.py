@@ -28,15 +28,19 @@ OUTLIER_PERCENT = 2.0
 def percentile_scale(maps: Tensor, outlier_percent: float = OUTLIER_PERCENT) -> Tensor:
     """Divide each non-negative map by the value at which the sorted values' running total
     reaches ``100 - outlier_percent`` % of the whole (Captum's threshold), and clip to [0, 1];
-    the few largest values saturate. An all-zero map stays zero."""
+    the few largest values saturate. An all-zero map stays zero.
+
+    With ``0 <= outlier_percent < 100`` the threshold's index, the number of running totals
+    below the reach, is at most ``n - 1`` (the last total is the whole, not below it), and the
+    threshold is 0 only for an all-zero map, which the floor of the divisor keeps at 0."""
+    if not 0 <= outlier_percent < 100:
+        raise ValueError(f"outlier_percent must be in [0, 100), not {outlier_percent!r}")
     flat = maps.flatten(1).float()
     values = flat.sort(dim=1).values
     running = values.cumsum(dim=1)
     reach = running[:, -1:] * (1 - outlier_percent / 100)
-    index = (running < reach).sum(dim=1, keepdim=True).clamp(max=flat.shape[1] - 1)
-    top = values.gather(1, index)
-    scaled = torch.where(top > 0, flat / top.clamp_min(1e-30), torch.zeros_like(flat))
-    return scaled.clamp(0, 1).reshape(maps.shape)
+    top = values.gather(1, (running < reach).sum(dim=1, keepdim=True))
+    return (flat / top.clamp_min(1e-30)).clamp(0, 1).reshape(maps.shape)
 
 
 def attribution_maps(attributions: Tensor) -> Tensor:
@@ -71,16 +75,15 @@ class AttributionExplainer(Explainer):
         """``(B, C, *spatial)`` attributions of ``classes`` and a dict of extra results."""
 
     def _explain(self, x: Tensor, target: Target) -> Explanation:
-        goal = target
         with torch.no_grad():
             output = self.model(x)
-            classes = goal.classes(output, x.shape[0]).to(x.device)
-            scores = goal.score(output, classes)
-        attributions, details = self.attribute(x, goal, classes)
+            classes = target.classes(output, x.shape[0]).to(x.device)
+            scores = target.score(output, classes)
+        attributions, details = self.attribute(x, target, classes)
         with torch.no_grad():
             maps = self.postprocess({"input": attributions}, x)
-        return build_explanation(self.name, maps, {"input": attributions.detach()}, output, goal,
-                                 classes, scores, ("input",), "attributions on the input",
+        return build_explanation(self.name, maps, {"input": attributions.detach()}, output,
+                                 target, classes, scores, ("input",), "attributions on the input",
                                  details)
 
     def postprocess(self, raw: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -91,7 +94,7 @@ class AttributionExplainer(Explainer):
                           rule: Callable[[], Any] | None = None) -> tuple[Tensor, Tensor]:
         """Gradients of the target scores w.r.t. each of ``inputs`` (``(N, C, *spatial)``, with
         one class each), and the scores, in chunks within the memory budget."""
-        per_chunk = items_per_chunk(self.model, inputs[:1], self.memory_budget,
+        per_chunk = items_per_chunk(self.model, inputs, self.memory_budget,
                                     with_gradients=True)
         grads, scores = [], []
         with progress(inputs.shape[0], self.name, show=self.show_progress) as bar:
@@ -182,7 +185,7 @@ class OnePassAttribution(AttributionExplainer):
 
     def fits_one_pass(self, x: Tensor) -> bool:
         """Whether the whole batch runs in one pass (otherwise the classes come first)."""
-        return x.shape[0] <= items_per_chunk(self.model, x[:1], self.memory_budget,
+        return x.shape[0] <= items_per_chunk(self.model, x, self.memory_budget,
                                              with_gradients=True)
 
     def attribute(self, x: Tensor, target: Target, classes: Tensor) -> tuple[Tensor, dict]:

@@ -15,7 +15,7 @@ from heatlens.engine.budget import items_per_chunk, progress
 from heatlens.engine.layers import LayerSpec
 from heatlens.engine.maps import gaussian_blur, upsample
 from heatlens.engine.targets import Target
-from heatlens.methods.attribution import AttributionExplainer, input_gradients
+from heatlens.methods.attribution import AttributionExplainer, broadcast_reference, input_gradients
 from heatlens.methods.cam import GradCAM
 from heatlens.methods.registry import register
 
@@ -90,7 +90,7 @@ class ReLURule(TorchFunctionMode):
             return func(*args, **kwargs)
         x = args[0]
         out = _RuleReLU.apply(x, self.guided)
-        if func in _IN_PLACE or kwargs.get("inplace") or (len(args) > 1 and args[1] is True):
+        if func in _IN_PLACE or kwargs.get("inplace"):  # F.relu passes inplace by keyword
             x.copy_(out)  # callers of an in-place ReLU may ignore its return value
             return x
         return out
@@ -145,7 +145,7 @@ class GuidedGradCAM(AttributionExplainer):
         coarse = cam.raw.clamp_min(0)
         size = x.shape[2:]
         if self.upsampling == "nearest":
-            fine = F.interpolate(coarse[:, None], size=tuple(size), mode="nearest")[:, 0]
+            fine = F.interpolate(coarse[:, None], size=tuple(size))[:, 0]  # mode="nearest"
         else:
             fine = upsample(coarse, size)
         return grad * fine[:, None], {"layer": cam.layers[0]}
@@ -211,13 +211,7 @@ class IntegratedGradients(AttributionExplainer):
     def baseline_for(self, x: Tensor) -> Tensor:
         """The baseline ``x'`` for each input."""
         if isinstance(self.baseline, Tensor):
-            try:
-                return torch.broadcast_to(self.baseline.to(x), x.shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"baseline of shape {tuple(self.baseline.shape)} does not broadcast to the "
-                    f"inputs' shape {tuple(x.shape)}"
-                ) from None
+            return broadcast_reference(self.baseline, x)
         if self.baseline == "zeros":
             return torch.zeros_like(x)
         if self.baseline == "blur":
@@ -233,7 +227,7 @@ class IntegratedGradients(AttributionExplainer):
                                                                              self.steps))
         base = self.baseline_for(x)
         batch, shape = x.shape[0], (-1, *[1] * x.ndim)
-        step = max(1, items_per_chunk(self.model, x[:1], self.memory_budget,
+        step = max(1, items_per_chunk(self.model, x, self.memory_budget,
                                       with_gradients=True) // batch)
         average = torch.zeros_like(x)
         with progress(self.steps * batch, self.name, show=self.show_progress) as bar:
