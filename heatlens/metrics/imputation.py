@@ -89,8 +89,8 @@ def noisy_linear_impute(images: Tensor, removed: Tensor, *, noise: float = 0.01,
                  f"residual of {worst:.1e}, above tol={tol:g}: pass a larger max_iter")
         if noise:
             shape, device = images.shape, images.device
-            solved = solved + m * noise * torch.randn(shape, generator=generator,
-                                                      device=device, dtype=solved.dtype)
+            solved = solved + noise * torch.randn(shape, generator=generator,
+                                                  device=device, dtype=solved.dtype)
         return torch.where(m, solved.to(images.dtype), images)
 
 
@@ -346,7 +346,7 @@ def _hat_sums_along(x: Tensor, stride: int) -> Tensor:
     node ``j``, so node ``j`` gets block ``j`` times the rising half of the hat and block
     ``j + 1`` times the falling half."""
     n = x.shape[-1]
-    nodes = (n - 2) // stride + 2 if n > 1 else 1
+    nodes = (n - 2) // stride + 2  # 1 for n = 1: (-1) // stride = -1
     rising = torch.arange(stride, dtype=x.dtype, device=x.device) / stride  # (i - (j-1) s) / s
     blocks = F.pad(x, (stride, nodes * stride - n)).unflatten(-1, (nodes + 1, stride))
     return blocks[..., :-1, :] @ rising**2 + blocks[..., 1:, :] @ (1 - rising) ** 2
