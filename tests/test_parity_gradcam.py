@@ -1,6 +1,7 @@
 """Parity with pytorch-grad-cam 1.5.7 for what issue 15 brings over: ``eigen_smooth``,
-``aug_smooth``, SobelCAM, RandomCAM, KPCA-CAM, FEM, ShapleyCAM, Finer-CAM, SESS, Seg-Eigen-CAM
-and RefineCAM; and each method's own property.
+``aug_smooth`` (also on Score-CAM, Ablation-CAM and FullGrad), SobelCAM, RandomCAM, KPCA-CAM,
+FEM, ShapleyCAM (also on Swin), Finer-CAM, SESS, Seg-Eigen-CAM and RefineCAM; and each method's
+own property.
 
 Maps are compared after both libraries' post-processing (1e-4). Differences that are choices,
 each shown by a test below:
@@ -14,6 +15,11 @@ each shown by a test below:
   border). They agree where those coincide (a vertical edge away from the border) and differ on a
   photo.
 * RandomCAM: the weights are random in both; given the same weights the maps agree.
+* FullGrad's ``eigen_smooth`` is a principal component across its per-layer maps, min-max
+  scaled with no ReLU: the other sign of the component is ``1 - map``.
+* ShapleyCAM on Swin: pytorch-grad-cam 1.5.7's ``ShapleyCAM`` with a ``reshape_transform``
+  raises (it weighs the reshaped gradients but multiplies the weights with the un-reshaped
+  activations); it is compared through a channels-first tap in the model instead.
 
 Models: torchvision MobileNetV2 with its ImageNet weights (``conftest.py``), two photos at
 128 x 128 (96 x 96 for SESS); seeded small CNNs where a property needs a construction (smooth
@@ -26,18 +32,22 @@ import copy
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from pytorch_grad_cam import (
     FEM,
     KPCA_CAM,
     SESS,
+    AblationCAM,
     FinerCAM,
+    FullGrad,
     GradCAM,
     HiResCAM,
     LayerCAM,
     RandomCAM,
     RefineCAM,
+    ScoreCAM,
     SegEigenCAM,
     ShapleyCAM,
     XGradCAM,
@@ -50,6 +60,7 @@ from pytorch_grad_cam.utils.model_targets import (
 )
 from threads import one_intraop_thread
 from torch import Tensor, nn
+from torchvision.models.swin_transformer import SwinTransformer
 
 import heatlens
 from heatlens.methods.sampling import seeded_generator
@@ -336,6 +347,18 @@ def test_shapleycam_matches_on_a_smooth_network(smooth_cnn):
     assert max_diff(ours.maps, grad.maps) > 1e-2  # the second-order term matters here
 
 
+@pytest.mark.parametrize("option", ["eigen_smooth", "aug_smooth"])
+def test_shapleycam_options_match_on_a_smooth_network(smooth_cnn, option):
+    model, inputs = smooth_cnn
+    ours = heatlens.explain(model, inputs, method="shapleycam", layer="3", target=[1, 4],
+                            **{option: True})
+    their = theirs(ShapleyCAM, model, ["3"], inputs, [1, 4], **{option: True})
+    diff = (up_to_sign(ours.raw, their, inputs.shape[2:]) if option == "eigen_smooth"
+            else max_diff(ours.maps, their))
+    print(f"shapleycam {option}: max |heatlens - pytorch-grad-cam| = {diff:.1e}")
+    assert diff <= TOL
+
+
 def test_shapleycam_hessian_term_is_a_finite_difference(smooth_cnn):
     """``w = mean(G - H A / 2)`` with ``H A = d/de G(A + e A)`` at 0, by central differences."""
     model, inputs = smooth_cnn
@@ -530,7 +553,6 @@ def test_the_new_methods_leave_the_model_untouched(mobilenet, tiny_photos):
     ("refinecam", {"layer": ["blocks.0.norm1", "blocks.1.norm1"]}),
 ])
 def test_on_a_vision_transformer(method, options):
-    timm = pytest.importorskip("timm")
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64,
@@ -541,3 +563,223 @@ def test_on_a_vision_transformer(method, options):
     assert bool(torch.isfinite(result.maps).all())
     raw = result.raw if isinstance(result.raw, Tensor) else result.raw[-1]
     assert raw.shape[-2:] == (4, 4)
+
+
+# --- eigen_smooth and aug_smooth on Score-CAM, Ablation-CAM and FullGrad ----------------------
+
+
+@pytest.fixture(scope="module")
+def bn_cnn() -> tuple[nn.Module, Tensor]:
+    """A seeded CNN whose batch norms carry seeded random statistics (FullGrad's bias terms are
+    then not zero), and two 32 x 32 inputs: layer ``"4"`` is an 8 x 8 map of 12 channels."""
+    g = torch.Generator().manual_seed(4)
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+        )
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            n = norm.num_features
+            norm.running_mean.copy_(0.3 * torch.randn(n, generator=g))
+            norm.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            norm.weight.copy_(0.5 + torch.rand(n, generator=g))
+            norm.bias.copy_(0.3 * torch.randn(n, generator=g))
+    return model.eval(), torch.randn(2, 3, 32, 32, generator=g)
+
+
+# heatlens method -> (pytorch-grad-cam class, layers, heatlens options). Ablation-CAM at the ReLU
+# ("5", non-negative): there pytorch-grad-cam ablates to 0 as well (see test_perturbation.py).
+PERTURBATION = {
+    "scorecam": (ScoreCAM, ["4"], {"variant": "softmax"}),
+    "ablationcam": (AblationCAM, ["5"], {}),
+    "fullgrad": (FullGrad, [], {}),
+}
+BN_TARGETS = [1, 4]
+
+
+@pytest.mark.parametrize("option", ["eigen_smooth", "aug_smooth"])
+@pytest.mark.parametrize("method", list(PERTURBATION))
+def test_options_of_the_perturbation_cams_and_fullgrad_match(bn_cnn, method, option):
+    model, inputs = bn_cnn
+    cls, layers, options = PERTURBATION[method]
+    if layers:
+        options = {**options, "layer": layers[0]}
+    ours = heatlens.explain(model, inputs, method=method, target=BN_TARGETS, **options,
+                            **{option: True})
+    plain = heatlens.explain(model, inputs, method=method, target=BN_TARGETS, **options)
+    their = theirs(cls, model, layers, inputs, BN_TARGETS, **{option: True})
+    if option == "aug_smooth":
+        diff = max_diff(ours.maps, their)
+    elif method == "fullgrad":  # no ReLU: the other sign of the component is 1 - map
+        diff = max(min(max_diff(ours.maps[i], their[i]), max_diff(1 - ours.maps[i], their[i]))
+                   for i in range(len(their)))
+    else:
+        diff = up_to_sign(ours.raw, their, inputs.shape[2:])
+    print(f"{method} {option}: max |heatlens - pytorch-grad-cam| = {diff:.1e}; "
+          f"vs without the option {max_diff(ours.maps, plain.maps):.2f}")
+    assert diff <= TOL
+    assert max_diff(ours.maps, plain.maps) > 0.05  # the option changes the map
+
+
+@pytest.mark.parametrize("method,options", [
+    ("scorecam", {}), ("sscam", {"samples": 2, "noise": 0.3}), ("iscam", {"samples": 2}),
+    ("ablationcam", {}),
+])
+def test_eigen_smooth_uses_the_plain_maps_channel_weights(bn_cnn, method, options):
+    """The weights ``w`` are read back from the plain map ``M = sum_k w_k A^k`` by least
+    squares (64 positions, 12 channels); the smoothed map must be the first principal
+    component of ``w_k A^k`` (NumPy's SVD), with the sign that correlates with ``M``. Covers the
+    variants pytorch-grad-cam does not have (the probability weighting, SS-CAM, IS-CAM)."""
+    model, inputs = bn_cnn
+    plain = heatlens.explain(model, inputs, method=method, target=BN_TARGETS, layer="4",
+                             **options)
+    smoothed = heatlens.explain(model, inputs, method=method, target=BN_TARGETS, layer="4",
+                                eigen_smooth=True, **options)
+    acts, _ = captured(model, "4", inputs, BN_TARGETS)
+    for i in range(len(inputs)):
+        a = acts[i].flatten(1).double().numpy()  # (channels, positions)
+        m = plain.raw[i].flatten().double().numpy()
+        w, *_ = np.linalg.lstsq(a.T, m, rcond=None)
+        assert np.abs(a.T @ w - m).max() <= 1e-5 * np.abs(m).max()
+        terms = (w[:, None] * a).T
+        terms = terms - terms.mean(0)
+        projection = terms @ np.linalg.svd(terms, full_matrices=False)[2][0]
+        projection *= np.sign(projection @ (m - m.mean()))
+        got = smoothed.raw[i].flatten().double().numpy()
+        assert np.abs(got - projection).max() <= 1e-4 * np.abs(projection).max()
+
+
+def test_fullgrad_eigen_smooth_needs_two_positions_at_an_eighth(bn_cnn):
+    model, _ = bn_cnn
+    with pytest.raises(ValueError, match="fewer than two positions"):
+        heatlens.explain(model, torch.zeros(1, 3, 15, 15), method="fullgrad",
+                         eigen_smooth=True)
+
+
+# --- ShapleyCAM on Swin, through the channels-last token layout -------------------------------
+
+
+def scaled_linears(model: nn.Module, seed: int) -> nn.Module:
+    """Every linear layer's weights drawn as ``N(0, 1 / fan_in)``: the attention softmax and
+    the GELUs are then far from linear, so the Hessian term of ShapleyCAM matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g)
+                                    / module.weight.shape[1] ** 0.5)
+    return model.eval()
+
+
+def tiny_swins() -> dict[str, tuple[nn.Module, str]]:
+    """torchvision's and timm's Swin at 32 px (patch 4, window 4, two stages of two blocks; the
+    second block of the first stage attends in shifted windows), with the layer explained."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tv = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                             window_size=[4, 4], num_classes=10)
+        tm = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4,
+                               embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=10)
+    return {"torchvision": (scaled_linears(tv, 1), "features.1.1.norm1"),
+            "timm": (scaled_linears(tm, 1), "layers.0.blocks.1.norm1")}
+
+
+def with_channels_first_tap(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
+    """A copy of ``model`` whose ``layer`` (a channels-last ``(B, H, W, C)`` output) hands on
+    its output through an identity ``tap`` run on the channels-first ``(B, C, H, W)``
+    permutation (a forward hook): the network computes the same function, and ``tap`` is a
+    feature map for pytorch-grad-cam."""
+    model, tap = copy.deepcopy(model), nn.Identity()
+    model.get_submodule(layer).register_forward_hook(
+        lambda module, args, out: tap(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    return model, tap
+
+
+@pytest.mark.parametrize("arch", ["torchvision", "timm"])
+def test_shapleycam_on_swin_matches(arch):
+    model, layer = tiny_swins()[arch]
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    ours = heatlens.explain(model, inputs, method="shapleycam", layer=layer, target=[1, 4])
+    grad = heatlens.explain(model, inputs, method="gradcam", layer=layer, target=[1, 4])
+    wanted = [ClassifierOutputTarget(1), ClassifierOutputTarget(4)]
+    tapped, tap = with_channels_first_tap(model, layer)
+    cam = ShapleyCAM(tapped, [tap])
+    try:
+        their = torch.from_numpy(cam(inputs, wanted))
+    finally:  # what it holds are views (of the permutations): release() cannot detach them
+        cam.activations_and_grads.activations.clear()
+        cam.activations_and_grads.gradients.clear()
+        cam.activations_and_grads.release()
+    diff = max_diff(ours.maps, their)
+    print(f"shapleycam on {arch} Swin: max |heatlens - pytorch-grad-cam| = {diff:.1e}; "
+          f"vs Grad-CAM {max_diff(ours.maps, grad.maps):.2f}")
+    assert ours.raw.shape == (2, 8, 8)
+    assert "channels-last" in ours.details["token_layout"][layer]
+    assert diff <= TOL
+    assert max_diff(ours.maps, grad.maps) > 0.05  # the Hessian term matters here
+
+    # pytorch-grad-cam's own way to reach a transformer fails for ShapleyCAM (1.5.7)
+    copied = copy.deepcopy(model)
+    cam = ShapleyCAM(copied, [copied.get_submodule(layer)],
+                     reshape_transform=lambda t: t.permute(0, 3, 1, 2))
+    try:
+        with pytest.raises(ValueError, match="broadcast"):
+            cam(inputs, wanted)
+    finally:
+        cam.activations_and_grads.activations.clear()
+        cam.activations_and_grads.gradients.clear()
+        cam.activations_and_grads.release()
+
+
+def test_shapleycam_on_swin_with_fused_attention_is_a_finite_difference():
+    """timm's Swin with fused attention and frozen weights: ``scaled_dot_product_attention`` on
+    CPU has no second derivative, so heatlens runs the eager path for the call (and switches
+    ``fused_attn`` back). ``H A`` is checked by central differences of ``G(A (1 + e))``."""
+    model, layer = tiny_swins()["timm"]
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    model.requires_grad_(False)
+    inputs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def gradient_at(scale: float) -> tuple[Tensor, Tensor]:
+        """``A`` and ``G`` at ``layer`` (channels-last), the layer's output scaled."""
+        store: dict[str, Tensor] = {}
+
+        def hook(module, args, out):
+            store["a"] = (out * scale).requires_grad_()
+            return store["a"]
+
+        handle = model.get_submodule(layer).register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(model(inputs)[0, 3], store["a"])
+        finally:
+            handle.remove()
+        return store["a"].detach(), grad
+
+    eps = 1e-3
+    acts, grad = gradient_at(1.0)
+    hvp = (gradient_at(1 + eps)[1] - gradient_at(1 - eps)[1]) / (2 * eps)
+    weights = (grad - 0.5 * hvp).double().mean((1, 2))  # (1, C): channels last
+    expected = (acts.double() * weights[:, None, None]).sum(-1)
+    ours = heatlens.explain(model, inputs, method="shapleycam", layer=layer, target=3)
+    assert max_diff(ours.raw, expected) <= 1e-3 * float(expected.abs().max())
+    assert float(hvp.abs().max()) > 0.1 * float(grad.abs().max())
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+
+
+def test_the_options_leave_the_model_untouched(bn_cnn):
+    model, inputs = bn_cnn
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for method, (_, layers, options) in PERTURBATION.items():
+        layer = {"layer": layers[0]} if layers else {}
+        heatlens.explain(model, inputs[:1], method=method, target=1, eigen_smooth=True,
+                         aug_smooth=True, **options, **layer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m.training or m._forward_hooks or m._forward_pre_hooks
+                   for m in model.modules())

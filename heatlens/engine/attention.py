@@ -94,7 +94,7 @@ def _timm_eager(module: nn.Module, recorded: list[Tensor]) -> Iterator[None]:
     def keep(_: nn.Module, args: Any, output: Tensor) -> None:
         recorded.append(output)
 
-    with forward_hooks([(module.attn_drop, keep)]), _switched(module, "fused_attn", False):
+    with forward_hooks([(module.attn_drop, keep)]), switched(module, "fused_attn", False):
         yield
 
 
@@ -149,7 +149,7 @@ def _hf_eager(module: nn.Module, recorded: list[Tensor]) -> Iterator[None]:
     def keep(_: nn.Module, args: Any, output: Any) -> None:
         recorded.append(output[1])
 
-    with forward_hooks([(module, keep)]), _switched(module.config, "_attn_implementation",
+    with forward_hooks([(module, keep)]), switched(module.config, "_attn_implementation",
                                                      "eager"):
         yield
 
@@ -159,7 +159,7 @@ _SWITCHED: dict[tuple[int, str], list[Any]] = {}  # (id, attribute) -> [users, o
 
 
 @contextmanager
-def _switched(owner: Any, attribute: str, value: Any) -> Iterator[None]:
+def switched(owner: Any, attribute: str, value: Any) -> Iterator[None]:
     """Set ``owner.attribute = value`` while at least one call (of any thread) is inside, and
     restore the original when the last one leaves: two threads that overlap cannot leave the
     eager setting behind. Threads that only run the model meanwhile get the same numbers

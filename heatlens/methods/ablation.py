@@ -8,9 +8,9 @@ from torch import Tensor, nn
 from heatlens.engine.budget import DEFAULT_BUDGET, budget_bytes, progress
 from heatlens.engine.capture import output_replaced
 from heatlens.engine.layers import LayerSpec
-from heatlens.engine.maps import per_channel, safe_divide
+from heatlens.engine.maps import safe_divide
 from heatlens.engine.notices import warn
-from heatlens.methods.base import CAMExplainer, LayerCall
+from heatlens.methods.base import LayerCall, WeightedCAM
 from heatlens.methods.registry import register
 
 
@@ -23,7 +23,7 @@ def ablated_copies(activation: Tensor, channels: range) -> Tensor:
 
 
 @register
-class AblationCAM(CAMExplainer):
+class AblationCAM(WeightedCAM):
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020, Eq. 3): with ``y_c`` the target score and
     ``y_c^k`` the score when channel ``k`` of the layer is set to zero,
     ``w_k = (y_c - y_c^k) / y_c`` (0 where ``y_c = 0``) and ``M = relu(sum_k w_k A^k)``.
@@ -38,6 +38,10 @@ class AblationCAM(CAMExplainer):
     Args:
         memory_budget: bytes that one chunk of ablated copies may use.
         show_progress: ``None`` shows a bar for long runs in a terminal.
+        eigen_smooth, aug_smooth: as for every CAM
+            (:class:`~heatlens.methods.base.CAMExplainer`): the first principal component of
+            the terms ``w_k A^k``, and the map averaged over six test-time augmentations (each
+            augmented copy ablated channel by channel), as pytorch-grad-cam's ``AblationCAM``.
     """
 
     name = "ablationcam"
@@ -46,12 +50,15 @@ class AblationCAM(CAMExplainer):
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
                  memory_budget: int = DEFAULT_BUDGET, show_progress: bool | None = None,
-                 relu: bool = True, fusion: str | None = None) -> None:
-        super().__init__(model, layer, relu=relu, fusion=fusion)
+                 relu: bool = True, fusion: str | None = None, eigen_smooth: bool = False,
+                 aug_smooth: bool = False) -> None:
+        super().__init__(model, layer, relu=relu, fusion=fusion, eigen_smooth=eigen_smooth,
+                         aug_smooth=aug_smooth)
         self.memory_budget = budget_bytes(memory_budget)
         self.show_progress = show_progress
 
-    def layer_map(self, call: LayerCall) -> Tensor:
+    def layer_weights(self, call: LayerCall) -> Tensor:
+        """``w_k = (y_c - y_c^k) / y_c`` ``(B, C)``."""
         acts = call.activations
         batch, channels = acts.shape[:2]
         # an ablated copy, and the layers after it, cost a few times the activation each
@@ -79,8 +86,7 @@ class AblationCAM(CAMExplainer):
                     ablated[b, start : span.stop] = scores
                     bar.update(len(span))
         original = call.scores.float()[:, None]
-        weights = safe_divide(original - ablated, original.expand_as(ablated))
-        return per_channel(weights.to(acts.dtype), acts)
+        return safe_divide(original - ablated, original.expand_as(ablated))
 
     def _cut_scores(self, call: LayerCall, image: Tensor, cls: Tensor, clean: Tensor,
                     copies: Tensor, expected: Tensor) -> Tensor | None:

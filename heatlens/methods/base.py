@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from heatlens.engine.capture import forward_with_capture, gradients_of
+from heatlens.engine.capture import Captured, forward_with_capture, gradients_of
 from heatlens.engine.entry import OutputKey, as_batch, entered, model_to_explain
 from heatlens.engine.layers import LayerSpec, resolve_layers
 from heatlens.engine.maps import FUSIONS, constant_maps, minmax, per_channel, upsample
@@ -226,11 +226,22 @@ class CAMExplainer(Explainer):
                                 with_gradients=self.needs_gradients)
         return self._explain_once(x, target)
 
+    def capture(self, x: Tensor, layers: dict[str, nn.Module]) -> Captured:
+        """One forward pass with ``layers`` captured, recorded for gradients from the first of
+        them on when the method needs gradients. Methods that need the pass run differently
+        (eager attention for a second derivative) override this."""
+        return forward_with_capture(self.model, x, layers, with_gradients=self.needs_gradients)
+
+    def layer_gradients(self, scores: Tensor, activations: list[Tensor],
+                        names: tuple[str, ...]) -> list[Tensor]:
+        """What :attr:`LayerCall.gradients` holds for each layer, in the layer's own layout:
+        ``G = d(sum of scores)/dA``. A method whose weights need more of the graph than ``G``
+        (a Hessian-vector product) overrides this."""
+        return gradients_of(scores, activations, names)
+
     def _explain_once(self, x: Tensor, target: Target) -> Explanation:
         choice = resolve_layers(self.model, self.layer, x)
-        captured = forward_with_capture(
-            self.model, x, choice.as_dict(), with_gradients=self.needs_gradients
-        )
+        captured = self.capture(x, choice.as_dict())
         goal = target
         try:
             classes = goal.classes(captured.output, x.shape[0]).to(x.device)
@@ -245,7 +256,7 @@ class CAMExplainer(Explainer):
         with torch.set_grad_enabled(self.needs_gradients):
             scores = goal.score(captured.output, classes)
             grads = (
-                gradients_of(scores, acts, choice.names)
+                self.layer_gradients(scores, acts, choice.names)
                 if self.needs_gradients
                 else [None] * len(acts)
             )

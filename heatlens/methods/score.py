@@ -4,7 +4,10 @@ the input masked by each channel's upsampled activation. No gradient is used.
 For channel ``k`` of the layer's activations ``A`` (one image ``X``), the mask is
 ``H^k = minmax(U(A^k))`` (``U`` upsampling to the input size; a constant channel gives ``H^k = 0``)
 and the map is ``M = sum_k w_k A^k``. The methods differ in ``w_k``. Masked inputs are built chunk
-by chunk within ``memory_budget`` bytes; every pass runs in inference mode.
+by chunk within ``memory_budget`` bytes; every pass runs in inference mode. As weighted CAMs
+(:class:`~heatlens.methods.base.WeightedCAM`) they take ``eigen_smooth`` (the first principal
+component of the terms ``w_k A^k``) and ``aug_smooth`` (test-time augmentation), as
+pytorch-grad-cam's ``ScoreCAM`` does.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from heatlens.engine.budget import (
     progress,
 )
 from heatlens.engine.layers import LayerSpec
-from heatlens.engine.maps import minmax, per_channel, upsample
-from heatlens.methods.base import CAMExplainer, LayerCall
+from heatlens.engine.maps import minmax, upsample
+from heatlens.methods.base import LayerCall, WeightedCAM
 from heatlens.methods.registry import register
 from heatlens.methods.sampling import probability_or_score, seeded_generator
 
@@ -39,7 +42,7 @@ def unit_masks(activations: Tensor, size: tuple[int, ...], *, align_corners: boo
     return masks.reshape(batch, channels, *size)
 
 
-class ScoreFamily(CAMExplainer):
+class ScoreFamily(WeightedCAM):
     """Shared engine of Score-CAM, SS-CAM and IS-CAM.
 
     Args:
@@ -52,6 +55,9 @@ class ScoreFamily(CAMExplainer):
         seed: seeds the noise of noisy variants (reproducible; the same noise for every image,
             so an image's map does not depend on the rest of the batch).
         show_progress: ``None`` shows a bar for long runs in a terminal.
+        eigen_smooth, aug_smooth: as for every CAM
+            (:class:`~heatlens.methods.base.CAMExplainer`); with ``aug_smooth`` the masked
+            passes run for each of the six augmented copies.
     """
 
     family = "perturbation CAMs"
@@ -62,8 +68,10 @@ class ScoreFamily(CAMExplainer):
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
                  variant: str = "probability", memory_budget: int = DEFAULT_BUDGET,
                  seed: int = 0, show_progress: bool | None = None, relu: bool = True,
-                 fusion: str | None = None) -> None:
-        super().__init__(model, layer, relu=relu, fusion=fusion)
+                 fusion: str | None = None, eigen_smooth: bool = False,
+                 aug_smooth: bool = False) -> None:
+        super().__init__(model, layer, relu=relu, fusion=fusion, eigen_smooth=eigen_smooth,
+                         aug_smooth=aug_smooth)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
         self.variant = variant
@@ -81,7 +89,9 @@ class ScoreFamily(CAMExplainer):
             return probability_or_score(output, call.target, classes)
         return call.target.score(output, classes).float()
 
-    def layer_map(self, call: LayerCall) -> Tensor:
+    def layer_weights(self, call: LayerCall) -> Tensor:
+        """``w`` ``(B, C)``: the mean over samples of the masked inputs' scores (their softmax
+        over channels for ``variant="softmax"``)."""
         acts, x = call.activations, call.inputs
         batch, channels = acts.shape[:2]
         size = tuple(x.shape[2:])
@@ -118,9 +128,7 @@ class ScoreFamily(CAMExplainer):
                     totals[:, start:stop] += chunk.reshape(batch, -1, self.samples).sum(dim=2)
                     bar.update(int(rows.sum()))
         weights = totals / self.samples
-        if self.variant == "softmax":
-            weights = weights.softmax(dim=1)
-        return per_channel(weights.to(acts.dtype), acts)
+        return weights.softmax(dim=1) if self.variant == "softmax" else weights
 
 
 @register
