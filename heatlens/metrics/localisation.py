@@ -67,7 +67,7 @@ def boxes_to_masks(boxes: BoxesLike, size: Sequence[int], *,
         for j, box in enumerate(image_boxes.tolist()):
             _check_box(box, i, j, height, width)
     counts = torch.tensor([len(b) for b in per_image])
-    owner = torch.repeat_interleave(torch.arange(len(per_image)), counts).to(device)
+    owner = torch.repeat_interleave(counts).to(device)  # box -> its image: 0 (n_0 times), 1, ...
     x1, y1, x2, y2 = torch.cat(per_image).to(device).unbind(dim=1)
     columns = torch.arange(width, device=device, dtype=torch.float64) + 0.5
     rows = torch.arange(height, device=device, dtype=torch.float64) + 0.5
@@ -172,12 +172,13 @@ def relevance_rank(maps: Tensor, masks: Tensor) -> Tensor:
     maps, masks = _checked(maps, masks, "relevance_rank")
     flat, inside = maps.flatten(1), masks.flatten(1)
     k = inside.sum(dim=1)
-    kth = flat.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])
+    kth = flat.sort(descending=True).values.gather(1, (k - 1)[:, None])
     above, tied = flat > kth, flat == kth
     dtype = maps.dtype
-    places = (k - above.sum(dim=1)).to(dtype)
-    share_of_ties = (tied & inside).sum(dim=1).to(dtype) / tied.sum(dim=1).to(dtype)
-    score = ((above & inside).sum(dim=1).to(dtype) + places * share_of_ties) / k.to(dtype)
+    places = k - above.sum(dim=1)
+    # one cast to the maps' dtype; the integer counts meet it by type promotion
+    share_of_ties = (tied & inside).sum(dim=1) / tied.sum(dim=1).to(dtype)
+    score = ((above & inside).sum(dim=1) + places * share_of_ties) / k
     constant = _constant(maps, "relevance_rank", "ranks no pixel above another and scores "
                                                  "the chance level K / (H W)")
     return torch.where(constant, k.to(dtype) / flat.shape[1], score)
@@ -200,7 +201,7 @@ def _dilate(masks: Tensor, radius: float) -> Tensor:
     r = math.floor(radius)
     if r == 0:
         return masks
-    offsets = torch.arange(-r, r + 1, device=masks.device, dtype=torch.float32)
+    offsets = torch.arange(-r, r + 1, device=masks.device)
     disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2).float()
     counts = F.conv2d(masks[:, None].float(), disc[None, None], padding=r)[:, 0]
     return counts > 0.5
@@ -242,9 +243,9 @@ def _checked(maps: Tensor, masks: Tensor, metric: str) -> tuple[Tensor, Tensor]:
         )
     if maps.dtype not in (torch.float32, torch.float64):
         maps = maps.float()
-    finite = torch.isfinite(maps).flatten(1).all(dim=1)
-    if not bool(finite.all()):
-        i = int((~finite).nonzero()[0, 0])
+    bad = ~torch.isfinite(maps)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
         what = "NaN" if bool(maps[i].isnan().any()) else "inf"
         raise ValueError(f"{metric}: map {i} holds {what}: fix the explanation that made it, or "
                          f"leave image {i} out")
@@ -268,6 +269,9 @@ def _boxes_per_image(boxes: BoxesLike) -> list[Tensor]:
                 f"boxes as one tensor must be (B, 4) (one box per image) or (B, n, 4), got shape "
                 f"{tuple(array.shape)}; for several boxes per image pass a list of (n_i, 4)"
             )
+        if array.shape[1] == 0:
+            raise ValueError(f"boxes of shape {tuple(array.shape)} give no image a box; every "
+                             "image needs at least one (leave images without an object out)")
         return list(array.detach().cpu().double().unbind(0))
     if not isinstance(boxes, Sequence) or isinstance(boxes, str) or len(boxes) == 0:
         raise ValueError("boxes must be a (B, 4) tensor or a list with one entry of (n_i, 4) "
