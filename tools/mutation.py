@@ -12,12 +12,15 @@ given module and selects only the given tests, and ``mutmut run`` runs there. Th
 prints the number of killed, surviving, timed-out and untested mutants, the score and the diff
 of every surviving mutant.
 
-The score is ``killed / (all mutants - equivalent)``. Equivalent mutants are the mutant names
+The score is ``(killed + timed out) / (all mutants - equivalent)``: a mutant that makes the tests
+hang is caught (it cannot pass), as mutmut counts it; ``--timeout-multiplier`` sets how long
+mutmut waits, a multiple of the covering tests' time. Equivalent mutants are the mutant names
 listed in the "Equivalent mutants" section of ``docs/testing.md`` (see ``--equivalent``); a
 survivor listed there is reported as equivalent, not as a survivor.
 
 Options: ``--workdir`` (scratch folder), ``--max-children`` (mutmut workers, default 2),
-``--mutant NAME`` (re-run only these mutants, e.g. after adding a test; repeatable),
+``--mutant NAME`` (re-run only these mutants, e.g. after adding a test; repeatable; ``*``
+matches any text, as in ``heatlens.metrics.imputation.x__pcg__mutmut_*``),
 ``--deselect NODE`` (leave out a test that fails on the unmutated code, as mutmut needs a
 green run first; repeatable), ``--equivalent PATH`` and ``--min-score`` (exit with status 1
 below this percentage).
@@ -28,6 +31,7 @@ mutmut is a ``test`` extra (``pip install mutmut``). Run it niced on a shared ma
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import os
 import re
@@ -43,6 +47,7 @@ SCRATCH = Path("/tmp/heatlens-mutation")
 EQUIVALENT_HEADING = "equivalent mutants"
 MUTANT_NAME = re.compile(r"heatlens(?:\.\w+)+__mutmut_\d+")
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+CAUGHT = ("killed", "timeout")
 
 
 @dataclass
@@ -63,10 +68,11 @@ class Summary:
 
     @property
     def score(self) -> float:
-        """Percentage killed among the mutants that are not equivalent."""
+        """Percentage caught (killed, or timed out: the tests hang) among the mutants that are
+        not equivalent."""
         relevant = [n for n in self.status if n not in self.equivalent]
-        killed = sum(self.status[n] == "killed" for n in relevant)
-        return 100.0 * killed / len(relevant) if relevant else 100.0
+        caught = sum(self.status[n] in CAUGHT for n in relevant)
+        return 100.0 * caught / len(relevant) if relevant else 100.0
 
 
 def module_name(path: Path) -> str:
@@ -114,7 +120,8 @@ def copy_repository(workdir: Path) -> None:
             shutil.copy2(source, target)
 
 
-def configure(workdir: Path, module: Path, tests: list[str], deselect: list[str]) -> None:
+def configure(workdir: Path, module: Path, tests: list[str], deselect: list[str],
+              timeout_multiplier: float) -> None:
     """Append the ``[tool.mutmut]`` table to the copy's ``pyproject.toml``."""
     pytest_args = PYTEST_ARGS + [arg for node in deselect for arg in ("--deselect", node)]
     pyproject = workdir / "pyproject.toml"
@@ -127,6 +134,7 @@ def configure(workdir: Path, module: Path, tests: list[str], deselect: list[str]
         f"only_mutate = {toml_list([module.as_posix()])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         f"pytest_add_cli_args = {toml_list(pytest_args)}\n"
+        f"timeout_multiplier = {timeout_multiplier}\n"
     )
     pyproject.write_text(text + table, encoding="utf-8")
     # mutmut's workers import heatlens from mutants/; the folder must exist before Python starts
@@ -152,7 +160,8 @@ def results(workdir: Path, module: str, only: list[str]) -> dict[str, str]:
     status: dict[str, str] = {}
     for line in mutmut(workdir, "results", "--all", "true", capture=True).splitlines():
         name, _, state = line.strip().partition(": ")
-        if name.startswith(module + ".") and (not only or name in only):
+        if name.startswith(module + ".") and (not only or any(fnmatch.fnmatchcase(name, pattern)
+                                                               for pattern in only)):
             status[name] = state.strip()
     return status
 
@@ -169,11 +178,11 @@ def report(summary: Summary, workdir: Path, command: str) -> None:
     if other:
         print(f"other: {dict(other)}")
     print(f"equivalent (listed in docs): {len(equivalent)}")
-    print(f"score: {summary.score:.1f}% (killed / (mutants - equivalent))")
+    print(f"score: {summary.score:.1f}% ((killed + timeout) / (mutants - equivalent))")
     for name in summary.survivors:
         print(f"\n--- surviving: {name}")
         print(mutmut(workdir, "show", name, capture=True).rstrip())
-    untested = [n for n, s in summary.status.items() if s != "killed" and s != "survived"
+    untested = [n for n, s in summary.status.items() if s not in (*CAUGHT, "survived")
                 and n not in summary.equivalent]
     for name in untested:
         print(f"\n--- {summary.status[name]}: {name}")
@@ -192,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                              "on the unmutated code, which mutmut refuses")
     parser.add_argument("--equivalent", type=Path, default=REPO / "docs" / "testing.md",
                         help="document listing the equivalent mutants (default: %(default)s)")
+    parser.add_argument("--timeout-multiplier", type=float, default=15.0,
+                        help="a mutant times out after this many times its covering tests' "
+                             "time (mutmut's default: %(default)s); lower it for modules with "
+                             "loops that mutants make endless")
     parser.add_argument("--min-score", type=float, default=0.0,
                         help="exit with status 1 when the score is below this percentage")
     args = parser.parse_args(argv)
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or SCRATCH / module.stem
 
     copy_repository(workdir)
-    configure(workdir, module, args.tests, args.deselect)
+    configure(workdir, module, args.tests, args.deselect, args.timeout_multiplier)
     mutmut(workdir, "run", "--max-children", str(args.max_children), *args.mutant)
 
     name = module_name(module)
