@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 import heatlens
 from heatlens.engine.capture import forward_with_capture, gradients_of
+from heatlens.metrics.controls import edge_map
+from heatlens.metrics.imputation import noisy_linear_impute
 from heatlens.metrics.sanity import _step_modules, cascading_randomisation
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -227,3 +229,65 @@ def test_sanity_step_without_weights_of_its_own():
         "layer 'head' has no weights of its own to randomise (no parameters, no running "
         "statistics outside the other layers listed); name a layer that has"
     )
+
+
+# --- heatlens/methods/gradients.py and attribution.py -------------------------------------------
+
+
+def test_input_gradients_of_a_score_without_a_graph():
+    with pytest.raises(ValueError) as exc:
+        heatlens.explain(PooledHead().eval(), X, "saliency",
+                         target=lambda output: output.detach()[:, 0])
+    assert message(exc) == "the target score does not depend on the input: no gradient can flow"
+
+
+def test_guided_gradcam_with_two_layers():
+    with pytest.raises(ValueError) as exc:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        heatlens.explain(model, X, "guided_gradcam", layer=["0", "2"], target=0)
+    assert message(exc) == "Guided Grad-CAM takes one layer"
+
+
+# --- heatlens/metrics/controls.py and imputation.py ---------------------------------------------
+
+
+def test_edge_map_of_one_image_without_its_batch_dimension():
+    with pytest.raises(ValueError) as exc:
+        edge_map(X[0])
+    assert message(exc) == (
+        "edge_map takes images (B, C, H, W), got (3, 8, 8): add the batch dimension with "
+        "images[None]"
+    )
+
+
+KEPT = torch.zeros(2, 8, 8, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(("images", "removed", "error", "text"), [
+    (X[0], KEPT, ValueError,
+     "images must be a (N, C, H, W) tensor, got (3, 8, 8): add the batch dimension with "
+     "images[None]"),
+    (X.long(), KEPT, TypeError,
+     "images must be floating point, got torch.int64: convert them with images.float()"),
+    (X, KEPT.float(), TypeError,
+     "removed must be a bool tensor (True = pixel removed), got torch.float32: pass mask.bool() "
+     "if 1 marks the removed pixels, or mask == 0 if 1 marks the kept ones (pytorch-grad-cam's "
+     "NoisyLinearImputer)"),
+    (X, KEPT[:, :, :5], ValueError,
+     "removed must have shape (N, H, W) = (2, 8, 8) to match images of shape (2, 3, 8, 8), got "
+     "(2, 8, 5): one mask per image, shared by its channels"),
+    (X, KEPT.to("meta"), ValueError,
+     "removed is on meta but images on cpu: move it with removed.to(images.device)"),
+    (X, torch.stack([KEPT[0], ~KEPT[1]]), ValueError,
+     "image 1 of the batch of 2 has every pixel removed (1 such images): noisy linear "
+     "imputation needs at least one known pixel to fill in from"),
+    (X.index_put((torch.tensor([1]), torch.tensor([2]), torch.tensor([3]), torch.tensor([4])),
+                 torch.tensor(float("nan"))), KEPT, ValueError,
+     "image 1 of the batch of 2 holds NaN or infinite values in pixels it keeps (1 of 192): "
+     "they would spread to every pixel imputed from them"),
+], ids=["3d", "integer", "float mask", "mask shape", "device", "all removed", "nan"])
+def test_imputation_arguments(images, removed, error, text):
+    with pytest.raises(error) as exc:
+        noisy_linear_impute(images, removed)
+    assert message(exc) == text
