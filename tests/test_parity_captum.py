@@ -236,6 +236,69 @@ def test_gradient_shap_batch_and_chunk_invariant(small):
     torch.testing.assert_close(whole.raw[:1], first.raw)
 
 
+def test_recorded_bytes_counts_what_autograd_keeps():
+    """Linear(8, 16), Tanh, Linear(16, 4) on one input of 8 floats: from the input, autograd
+    keeps the first linear's input (8 floats) and the tanh's output (16 floats, which the second
+    linear keeps too: one storage), not the weights; from the tanh on, only the copy of the
+    tanh's output handed to the second linear (16 floats). Each adds five times the largest
+    output (16 floats) and the input (8 floats)."""
+    from heatlens.engine.budget import recorded_bytes
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8)
+    floats = 4
+    assert recorded_bytes(model, x) == (8 + 16 + 5 * 16 + 8) * floats
+    assert recorded_bytes(model, x, model[1]) == (16 + 5 * 16 + 8) * floats
+
+
+def batch_sizes(model: nn.Module, run) -> list[int]:
+    """The batch size of every pass of ``model`` during ``run()``."""
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return sizes
+
+
+def test_gradient_shap_passes_are_equal_and_within_the_budget(small):
+    """12 drawn inputs (2 images x 6 samples) with room for 5 in a pass (what the graph keeps
+    and 4 inputs' worth each): one pass over the images and the reference, then 3 passes of 4
+    (not 5, 5, 2); the attributions as with room for all."""
+    from heatlens.engine.budget import recorded_bytes
+
+    model, x, targets = small
+    per_row = recorded_bytes(model, x[:1]) + 4 * x[0].numel() * x.element_size()
+    options = {"target": targets, "samples": 6, "stdev": 0.1, "seed": 3}
+    whole = heatlens.explain(model, x, "gradient_shap", **options)
+    chunked = []
+    sizes = batch_sizes(model, lambda: chunked.append(heatlens.explain(
+        model, x, "gradient_shap", memory_budget=5 * per_row, **options)))
+    assert sizes == [3, 4, 4, 4]
+    torch.testing.assert_close(chunked[0].raw, whole.raw)
+
+
+@pytest.mark.parametrize(("method", "passes"), [("layer_integrated_gradients", [4, 6, 6]),
+                                                 ("layer_conductance", [6, 6, 6])])
+def test_layer_path_chunks_are_equal_and_within_the_budget(small, method, passes):
+    """Room for 3 points of the path for 2 images: 8 points (integrated gradients) run as 2, 3
+    and 3 points, 9 (conductance's steps + 1) as 3 passes of 3, after one pass over the images
+    and the baseline; the attributions as with room for all."""
+    from heatlens.engine.budget import recorded_bytes
+
+    model, x, targets = small
+    layer = model[5]
+    per_point = recorded_bytes(model, x[:1], layer) + x[0].numel() * x.element_size()
+    whole = heatlens.explain(model, x, method, target=targets, layer="5", steps=8)
+    chunked = []
+    sizes = batch_sizes(model, lambda: chunked.append(heatlens.explain(
+        model, x, method, target=targets, layer="5", steps=8,
+        memory_budget=3 * 2 * per_point)))
+    assert sizes == [4, *passes]
+    torch.testing.assert_close(chunked[0].raw_by_layer["5"], whole.raw_by_layer["5"])
+
+
 # --- layer methods --------------------------------------------------------------------------
 
 LAYER_METHODS = {

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from heatlens.engine.capture import forward_with_capture
 from heatlens.engine.hooks import forward_hooks
 
 DEFAULT_BUDGET = 256 << 20
@@ -35,6 +36,7 @@ Watcher = Callable[[int, int, str], None]
 _WATCHER: ContextVar[Watcher | None] = ContextVar("heatlens_progress_watcher", default=None)
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+_RECORDED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
 def sample_bytes(model: nn.Module, sample: Tensor, *, with_gradients: bool = False) -> int:
@@ -70,6 +72,54 @@ def sample_bytes(model: nn.Module, sample: Tensor, *, with_gradients: bool = Fal
     estimate = passes + 2 * max(workspaces) + input_bytes
     cached[key] = estimate
     return estimate
+
+
+def recorded_bytes(model: nn.Module, sample: Tensor, layer: nn.Module | None = None) -> int:
+    """Measured bytes that one input of ``sample``'s shape adds to a pass that records
+    gradients: from the input (``layer=None``, for ``d y / d x``) or from ``layer`` on (the
+    network before it without a graph, for ``d y / d a`` at the layer).
+
+    One pass over ``sample[:1]`` counts what autograd keeps for the backward pass (every tensor
+    it saves, each storage once; parameters and buffers, which do not grow with the batch, are
+    not counted), and adds the input and five times the largest output of any module for what
+    is alive beside it, as :func:`sample_bytes` counts a pass without gradients: the forward
+    pass holds an operation's input and output (the network before ``layer`` may take fused
+    paths, such as PyTorch's transformer fast path, whose temporaries are no module's output),
+    the backward pass the gradient being computed, the one it comes from and a branch's
+    gradient waiting to be added to it (a residual block). Measured once per model, shape and
+    layer; ``benchmarks/captum_parity_speed.py --memory`` checks the chunks it gives against
+    the process's peak memory.
+    """
+    key = (tuple(sample.shape[1:]), sample.dtype, sample.device.type, id(layer))
+    cached = _RECORDED.setdefault(model, {})
+    if key in cached:
+        return cached[key]
+    constant = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept: dict[int, int] = {}
+    largest = [0]
+
+    def keep(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in constant:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            largest[0] = max(largest[0], output.numel() * output.element_size())
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    with forward_hooks((m, record) for m in leaves), torch.inference_mode(False), \
+            torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        one = sample[:1].detach().clone()  # its own storage, not a view of the batch
+        if layer is None:
+            with torch.enable_grad():
+                model(one.requires_grad_(True))
+        else:
+            forward_with_capture(model, one, {"layer": layer}, with_gradients=True)
+    input_bytes = sample[:1].numel() * sample.element_size()
+    cached[key] = sum(kept.values()) + 5 * largest[0] + input_bytes
+    return cached[key]
 
 
 def budget_bytes(memory_budget: Any) -> int:

@@ -10,7 +10,6 @@ it, see :func:`~heatlens.engine.capture.forward_with_capture`).
 
 from __future__ import annotations
 
-import weakref
 from abc import abstractmethod
 from dataclasses import replace
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from heatlens.engine.budget import progress, sample_bytes
+from heatlens.engine.budget import progress, recorded_bytes
 from heatlens.engine.capture import forward_with_capture, gradients_of, output_replaced
 from heatlens.engine.hooks import forward_hooks
 from heatlens.engine.layers import LayerSpec, resolve_layers
@@ -34,31 +33,6 @@ from heatlens.methods.attribution import (
 from heatlens.methods.base import build_explanation, with_followers
 from heatlens.methods.gradients import integration_rule
 from heatlens.methods.registry import register
-
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
-
-
-def graph_bytes(model: nn.Module, sample: Tensor, layer: nn.Module) -> int:
-    """Bytes of the outputs of the layer and of the leaf modules that finish after it, for one
-    input of ``sample``'s shape: what a graph recorded from the layer on holds (measured once
-    per model, shape and layer)."""
-    key = (tuple(sample.shape[1:]), sample.dtype, id(layer))
-    cached = _GRAPHS.setdefault(model, {})
-    if key not in cached:
-        sizes: list[int] = []
-        start: list[int] = []
-
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            if module is layer:
-                start.append(len(sizes))
-            if isinstance(output, Tensor):
-                sizes.append(output.numel() * output.element_size())
-
-        leaves = [m for m in model.modules() if not list(m.children()) and m is not layer]
-        with forward_hooks([(m, record) for m in [layer, *leaves]]), torch.inference_mode():
-            model(sample[:1])
-        cached[key] = sum(sizes[start[-1]:]) if start else sum(sizes)
-    return cached[key]
 
 
 def layer_gradients(model: nn.Module, inputs: Tensor, name: str, module: nn.Module,
@@ -185,14 +159,15 @@ class _PathAtLayer(LayerAttributionExplainer):
             "convergence_delta": attributions.flatten(1).sum(1) - gain,
             "followed_by": result.details["followed_by"], **details})
 
-    def points_per_chunk(self, x: Tensor, module: nn.Module) -> int:
-        """How many points of the path one chunk holds for the whole batch. The network
-        before the layer runs without a graph, so a point costs a pass without gradients
-        (:func:`~heatlens.engine.budget.sample_bytes`) and the graph of the layers from this
-        one on: 2.5 times their outputs' bytes, as the budget counts a graph."""
-        per_point = (sample_bytes(self.model, x[:1]) + 5 * graph_bytes(self.model, x[:1], module)
-                     // 2 + x[0].numel() * x.element_size())
-        return max(1, self.memory_budget // per_point // x.shape[0])
+    def chunks(self, x: Tensor, module: nn.Module, points: int) -> list[slice]:
+        """The ``points`` points of the path in chunks of equal size, each within the memory
+        budget for the whole batch. The network before the layer runs without a graph and the
+        graph is recorded from the layer on, so a point costs what
+        :func:`~heatlens.engine.budget.recorded_bytes` measures for that pass, and its input."""
+        per_point = recorded_bytes(self.model, x[:1], module) + x[0].numel() * x.element_size()
+        most = max(1, self.memory_budget // per_point // x.shape[0])
+        count = -(-points // most)
+        return [slice(i * points // count, (i + 1) * points // count) for i in range(count)]
 
 
 def _record_from_here(module: nn.Module, args: Any, output: Any) -> None:
@@ -232,10 +207,9 @@ class LayerIntegratedGradients(_PathAtLayer):
         follower = ends.details["followed_by"]
         shape = (-1, *[1] * a.ndim)
         average = torch.zeros_like(a)
-        step = self.points_per_chunk(x, module)
         with progress(self.steps * batch, self.name, show=self.show_progress) as bar:
-            for first in range(0, self.steps, step):
-                t, w = alphas[first : first + step], weights[first : first + step]
+            for part in self.chunks(x, module, self.steps):
+                t, w = alphas[part], weights[part]
                 points = (a_ref[None] + t.reshape(shape) * (a - a_ref)[None]).flatten(0, 1)
                 leaf = points.requires_grad_(True)
                 with torch.no_grad(), output_replaced(module, leaf, followed=bool(follower)), \
@@ -275,10 +249,9 @@ class LayerConductance(_PathAtLayer):
         batch, shape = x.shape[0], (-1, *[1] * x.ndim)
         total = torch.zeros_like(ends.attributions[:batch])
         previous: tuple[Tensor, Tensor] | None = None  # activation and gradient at the last t
-        step = self.points_per_chunk(x, module)
         with progress((self.steps + 1) * batch, self.name, show=self.show_progress) as bar:
-            for first in range(0, self.steps + 1, step):
-                t = alphas[first : first + step]
+            for part in self.chunks(x, module, self.steps + 1):
+                t = alphas[part]
                 points = (reference[None] + t.reshape(shape) * (x - reference)[None])
                 acts, grads, _ = layer_gradients(self.model, points.flatten(0, 1), name, module,
                                                  target, ends.classes.repeat(t.shape[0]))

@@ -8,12 +8,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from heatlens.engine.budget import progress, recorded_bytes
 from heatlens.engine.layers import LayerSpec
 from heatlens.engine.targets import Target
 from heatlens.methods.attribution import (
     OnePassAttribution,
     PassResult,
     classes_and_scores,
+    input_gradients,
     reference_distribution,
 )
 from heatlens.methods.registry import register
@@ -76,8 +78,8 @@ class GradientShap(OnePassAttribution):
     ``s`` alone, so it is the same for every image and independent of chunking.
     ``draws="captum"`` draws exactly as Captum 0.9 does after ``np.random.seed(seed);
     torch.manual_seed(seed)`` (from private generators seeded so, the global state untouched),
-    to reproduce a Captum result. The ``B * samples`` gradients run in chunks within the
-    memory budget.
+    to reproduce a Captum result. The ``B * samples`` gradients run in passes of equal size
+    within the memory budget.
     """
 
     name = "gradient_shap"
@@ -118,18 +120,23 @@ class GradientShap(OnePassAttribution):
             a = draws.alpha[chunk].reshape(-1, *[1] * (x.ndim - 1))
             return a * noisy + (1 - a) * begin, noisy - begin
 
-        sums = torch.zeros_like(x)
-        for chunk in self._chunks(x, torch.arange(batch * self.samples, device=x.device)):
-            inputs, spans = points(chunk)
-            grads, _ = self.chunked_gradients(inputs, target, classes[chunk // self.samples])
-            sums.index_add_(0, chunk // self.samples, spans * grads)
+        sums, rows = torch.zeros_like(x), torch.arange(batch * self.samples, device=x.device)
+        with progress(rows.numel(), self.name, show=self.show_progress) as bar:
+            for chunk in rows.tensor_split(-(-rows.numel() // self._rows_per_chunk(x))):
+                inputs, spans = points(chunk)
+                grads, _ = input_gradients(self.model, inputs, target,
+                                           classes[chunk // self.samples])
+                sums.index_add_(0, chunk // self.samples, spans * grads)
+                bar.update(chunk.numel())
         attributions = sums / self.samples
         delta = attributions.flatten(1).sum(1) - (scores - start)
         return PassResult(attributions, output, classes, scores,
                           {"convergence_delta": delta, "baseline": references})
 
-    def _chunks(self, x: Tensor, rows: Tensor) -> list[Tensor]:
-        """Rows in pieces that keep the drawn inputs of a piece within the memory budget (their
-        gradients are chunked again by :meth:`chunked_gradients`)."""
-        per_piece = max(1, self.memory_budget // (4 * x[0].numel() * x.element_size()))
-        return list(rows.split(per_piece))
+    def _rows_per_chunk(self, x: Tensor) -> int:
+        """How many drawn inputs one gradient pass holds within the memory budget: what its
+        graph keeps, measured (:func:`~heatlens.engine.budget.recorded_bytes`), and four more
+        inputs' worth each (the point, its span ``x + e - x'``, the gradient and their
+        product). The rows are split into passes of equal size (at most this many)."""
+        per_row = recorded_bytes(self.model, x[:1]) + 4 * x[0].numel() * x.element_size()
+        return max(1, self.memory_budget // per_row)
