@@ -3,8 +3,13 @@
 One process, CPU; heatlens and Captum each on their own deep copy of one seeded model in eval
 mode. Every case first checks that both give the same attribution (the largest difference,
 relative to the attribution's largest magnitude, is printed), then times both, alternating
-(best of ``--repeats`` runs each), and prints ``captum / heatlens`` (above 1: heatlens is
-faster).
+(best and median of ``--repeats`` runs each), and prints ``captum / heatlens`` of the best
+times (above 1: heatlens is faster).
+
+``--memory`` instead runs each case's two calls once, each in a fresh subprocess, and prints the
+peak resident memory each adds (``getrusage``'s peak after the call minus the resident memory
+just before it, once the model and inputs are ready) and how many passes of the model heatlens
+made, beside heatlens's memory budget: the check that its chunks stay within it.
 
 Models: DeepLIFT and DeepLIFT-SHAP on a CNN whose nonlinear modules are never adjacent (where
 they are, Captum's hooks lose summation-to-delta, see ``tests/test_parity_captum.py``);
@@ -16,15 +21,26 @@ slower); the draws are the same (``draws="captum"``).
 Run from the repository root::
 
     python benchmarks/captum_parity_speed.py [--repeats 3] [--only deeplift,lrp] [--budget 2048]
+    python benchmarks/captum_parity_speed.py --memory [--only gradient_shap]
+    python benchmarks/captum_parity_speed.py --threads 1   # on a machine loaded by other work
 
 ``--budget`` (MiB) sets heatlens's ``memory_budget`` (default: its own, 256 MiB); Captum runs
 each of its batches whole (all steps or samples at once), whatever memory that takes.
+
+Both sides compute the same outputs: heatlens returns the completeness delta
+(``details["convergence_delta"]``) with every GradientSHAP and layer path attribution, so Captum
+is asked for it too (``return_convergence_delta=True``, which costs it a forward pass over the
+inputs and baselines). ``--no-delta`` times Captum without it (less work than heatlens does).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import resource
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +56,8 @@ import heatlens
 warnings.filterwarnings("ignore")
 OPTIONS: dict[str, int] = {}
 """Options every heatlens call gets (``memory_budget``)."""
+DELTA: dict[str, bool] = {"return_convergence_delta": True}
+"""What Captum's path methods are asked for besides the attributions (``--no-delta``: nothing)."""
 
 
 def explain(*args: object, **kwargs: object) -> heatlens.Explanation:
@@ -68,6 +86,11 @@ def images(batch: int, size: int, seed: int = 1) -> Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def first(result: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """The attributions of a Captum result, with or without its convergence delta."""
+    return result[0] if isinstance(result, tuple) else result
+
+
 def captum_seeded(fn: Callable[[], Tensor], seed: int) -> Callable[[], Tensor]:
     """``fn`` run after ``np.random.seed(seed); torch.manual_seed(seed)``."""
 
@@ -84,6 +107,8 @@ class Case:
     name: str
     ours: Callable[[], Tensor]
     theirs: Callable[[], Tensor]
+    model: nn.Module | None = None
+    """heatlens's model (its passes are counted by ``--memory``)."""
 
 
 def cases() -> dict[str, Callable[[], Case]]:
@@ -95,7 +120,7 @@ def cases() -> dict[str, Callable[[], Case]]:
             model = seeded(build)
             theirs = getattr(attr, captum_name)(copy.deepcopy(model))
             return Case(title, lambda: explain(model, x, method, target=3).raw,
-                        lambda: theirs.attribute(x, target=3))
+                        lambda: theirs.attribute(x, target=3), model)
 
         return make
 
@@ -105,7 +130,7 @@ def cases() -> dict[str, Callable[[], Case]]:
         return Case("DeepLiftShap, same CNN, batch 4 x 8 baselines",
                     lambda: explain(model, x, "deeplift_shap", target=3,
                                              baseline=refs).raw,
-                    lambda: theirs.attribute(x, baselines=refs, target=3))
+                    lambda: theirs.attribute(x, baselines=refs, target=3), model)
 
     def gradient_shap() -> Case:
         model, x = seeded(torchvision.models.resnet18), images(2, 112)
@@ -114,8 +139,9 @@ def cases() -> dict[str, Callable[[], Case]]:
         return Case("GradientShap, resnet18, batch 2, 112 px, 20 samples, stdev 0.1",
                     lambda: explain(model, x, "gradient_shap", target=3, baseline=refs,
                                              samples=20, stdev=0.1, seed=4, draws="captum").raw,
-                    captum_seeded(lambda: theirs.attribute(x, baselines=refs, target=3,
-                                                           n_samples=20, stdevs=0.1), 4))
+                    captum_seeded(lambda: first(theirs.attribute(
+                        x, baselines=refs, target=3, n_samples=20, stdevs=0.1, **DELTA)), 4),
+                    model)
 
     def layer_case(method: str, captum_cls: str, steps: int | None) -> Callable[[], Case]:
         def build() -> Case:
@@ -123,12 +149,12 @@ def cases() -> dict[str, Callable[[], Case]]:
             other = copy.deepcopy(model)
             theirs = getattr(attr, captum_cls)(other, other.layer3)
             ours_options = {} if steps is None else {"steps": steps}
-            theirs_options = {} if steps is None else {"n_steps": steps}
+            theirs_options = {} if steps is None else {"n_steps": steps, **DELTA}
             return Case(f"{captum_cls}, resnet18 layer3, batch 2, 112 px"
                         + ("" if steps is None else f", {steps} steps"),
                         lambda: explain(model, x, method, target=3, layer="layer3",
                                                  **ours_options).raw_by_layer["layer3"],
-                        lambda: theirs.attribute(x, target=3, **theirs_options))
+                        lambda: first(theirs.attribute(x, target=3, **theirs_options)), model)
 
         return build
 
@@ -151,7 +177,7 @@ def cases() -> dict[str, Callable[[], Case]]:
                                                  **options).raw,
                         captum_seeded(lambda: theirs.attribute(
                             x, target=3, feature_mask=mask, n_samples=256,
-                            perturbations_per_eval=64), 4))
+                            perturbations_per_eval=64), 4), model)
 
         return build
 
@@ -171,19 +197,77 @@ def cases() -> dict[str, Callable[[], Case]]:
     }
 
 
+def resident_mib() -> float:
+    """The process's resident memory now, in MiB (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_child(key: str, side: str) -> None:
+    """In a fresh process: one call of one side of a case, and as JSON the peak resident
+    memory it added (MiB) and, for heatlens, how many passes of the model it made."""
+    case = cases()[key]()
+    passes = [0]
+
+    def count(module: nn.Module, args: object) -> None:
+        passes[0] += 1
+
+    assert case.model is not None
+    hook = case.model.register_forward_pre_hook(count)
+    before = resident_mib()
+    (case.ours if side == "heatlens" else case.theirs)()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hook.remove()
+    print(json.dumps({"peak": peak - before, "passes": passes[0]}))
+
+
+def memory(chosen: list[str], budget_mib: int) -> None:
+    print(f"peak resident memory added by one call, MiB (heatlens budget {budget_mib} MiB); "
+          "heatlens's passes include its one-off measurements on one input")
+    print(f"{'case':<26} {'heatlens':>9} {'passes':>7} {'captum':>9}")
+    for key in chosen:
+        peaks = {}
+        for side in ("heatlens", "captum"):
+            command = [sys.executable, __file__, "--memory-child", key, side]
+            if budget_mib != 256:
+                command += ["--budget", str(budget_mib)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            peaks[side] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{key:<26} {peaks['heatlens']['peak']:>9.1f} {peaks['heatlens']['passes']:>7} "
+              f"{peaks['captum']['peak']:>9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--budget", type=int, default=0, help="heatlens memory_budget, MiB")
+    parser.add_argument("--memory", action="store_true", help="peak memory instead of time")
+    parser.add_argument("--no-delta", action="store_true",
+                        help="Captum's path methods without the convergence delta heatlens returns")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's own); one thread is the least "
+                             "disturbed by other work on a loaded machine")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.budget:
         OPTIONS["memory_budget"] = args.budget << 20
+    if args.no_delta:
+        DELTA.clear()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
     chosen = [c for c in args.only.split(",") if c] or list(cases())
+    if args.memory:
+        memory(chosen, args.budget or 256)
+        return
     budget = f"{args.budget} MiB" if args.budget else "default (256 MiB)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; heatlens memory "
-          f"budget {budget}; best of {args.repeats} runs, in seconds; ratio = captum / heatlens")
-    print(f"{'case':<66} {'rel diff':>9} {'heatlens':>9} {'captum':>9} {'ratio':>6}")
+          f"budget {budget}; best and median of {args.repeats} runs, in seconds; "
+          "ratio = captum / heatlens (best)")
+    print(f"{'case':<66} {'rel diff':>9} {'heatlens':>15} {'captum':>15} {'ratio':>6}")
     for key in chosen:
         case = cases()[key]()
         ours, theirs = case.ours(), case.theirs()  # also warms both up
@@ -191,9 +275,10 @@ def main() -> None:
         # alternate the two, so that a change of the machine's load falls on both
         rounds = [(best_and_median(case.ours, 1)[0], best_and_median(case.theirs, 1)[0])
                   for _ in range(args.repeats)]
-        best_ours, best_theirs = (min(times) for times in zip(*rounds, strict=True))
-        print(f"{case.name:<66} {diff:>9.1e} {best_ours:>9.3f} {best_theirs:>9.3f} "
-              f"{best_theirs / best_ours:>6.2f}")
+        mine, anchor = (sorted(times) for times in zip(*rounds, strict=True))
+        middle = len(rounds) // 2
+        print(f"{case.name:<66} {diff:>9.1e} {mine[0]:>7.3f} {mine[middle]:>7.3f} "
+              f"{anchor[0]:>7.3f} {anchor[middle]:>7.3f} {anchor[0] / mine[0]:>6.2f}")
 
 
 if __name__ == "__main__":
