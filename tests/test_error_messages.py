@@ -1,4 +1,4 @@
-"""The engine's and CAM's error messages, word for word.
+"""Error messages of the engine, the methods and the metrics, word for word.
 
 A message is the user's only guide from a refused call to the fix (``docs/design.md``: a clear
 error that names the problem and the fix), so its text is part of what a call returns: each test
@@ -19,6 +19,8 @@ import heatlens
 from heatlens.engine.capture import forward_with_capture, gradients_of
 from heatlens.metrics.controls import edge_map
 from heatlens.metrics.imputation import noisy_linear_impute
+from heatlens.metrics.localisation import boxes_to_masks, energy_inside, relevance_mass
+from heatlens.metrics.robustness import infidelity, max_sensitivity
 from heatlens.metrics.sanity import _step_modules, cascading_randomisation
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -291,3 +293,137 @@ def test_imputation_arguments(images, removed, error, text):
     with pytest.raises(error) as exc:
         noisy_linear_impute(images, removed)
     assert message(exc) == text
+
+
+# --- heatlens/metrics/localisation.py -----------------------------------------------------------
+
+
+NO_BOXES = torch.zeros(2, 0, 4)
+
+
+def one_box(*box: float) -> Tensor:
+    return torch.tensor([box], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("boxes", "size", "text"), [
+    (5, (4, 4),
+     "boxes must be a (B, 4) tensor or a list with one entry of (n_i, 4) boxes per image, got "
+     "int 5"),
+    ([], (4, 4),
+     "boxes must be a (B, 4) tensor or a list with one entry of (n_i, 4) boxes per image, got "
+     "list []"),
+    # image 0 is a good box given as a list, so the error must name image 1 and its shape
+    ([[0, 0, 2, 2], [[0, 0, 1, 1, 1]]], (4, 4),
+     "boxes of image 1 must be (n, 4) as (x1, y1, x2, y2), got shape (1, 5)"),
+    (NO_BOXES, (4, 4),
+     f"boxes of shape {tuple(NO_BOXES.shape)} give no image a box; every image needs at least "
+     "one (leave images without an object out)"),
+    ([[0, 0, 2, 2], torch.zeros(0, 4)], (4, 4),
+     "image 1 has no box; every image needs at least one (leave images without an object out)"),
+    (one_box(2, 0, 1, 3), (4, 4),
+     "box 0 of image 0 is (2, 0, 1, 3): boxes are (x1, y1, x2, y2) with x1 < x2 and y1 < y2 (for "
+     "(x, y, w, h) boxes use torchvision.ops.box_convert(boxes, 'xywh', 'xyxy'))"),
+    (one_box(0, 0, 7, 2), (4, 6),
+     "box 0 of image 0 is (0, 0, 7, 2), outside the image of 4 x 6 (H x W), where 0 <= x1 < x2 "
+     "<= 6 and 0 <= y1 < y2 <= 4: clip it with torchvision.ops.clip_boxes_to_image, or check "
+     "the size"),
+    # the centres 0.5 and 1.5 both miss [0.6, 1.4)
+    (one_box(0.6, 0, 1.4, 2), (4, 4),
+     "box 0 of image 0 is (0.6, 0, 1.4, 2), which covers no pixel centre (a box covers the "
+     "pixels whose centre lies in [x1, x2) x [y1, y2)): widen it"),
+], ids=["number", "empty list", "five numbers", "tensor without boxes", "image without a box",
+        "reversed", "outside", "no centre"])
+def test_boxes_arguments(boxes, size, text):
+    with pytest.raises(ValueError) as exc:
+        boxes_to_masks(boxes, size)
+    assert message(exc) == text
+
+
+MAPS = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(1))
+MASKS = torch.zeros(2, 4, 4, dtype=torch.bool).index_fill(2, torch.tensor([0]), True)
+SIGNED = MAPS.index_put((torch.tensor([1]), torch.tensor([2]), torch.tensor([3])),
+                        torch.tensor(-0.5))
+WIDE_MASKS = torch.ones(2, 4, 5, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(("metric", "maps", "masks", "error", "text"), [
+    (energy_inside, MAPS, MASKS.float(), TypeError,
+     "energy_inside takes masks of dtype bool (True = object), got torch.float32: pass masks "
+     "> 0.5, or boxes_to_masks(boxes, (H, W))"),
+    (relevance_mass, MAPS, WIDE_MASKS, ValueError,
+     f"relevance_mass: maps are {tuple(MAPS.shape)} but masks are {tuple(WIDE_MASKS.shape)}; "
+     "they must match: upsample the maps to the image size (heatlens.engine.maps.upsample) or "
+     "make the masks at the maps' size"),
+    (energy_inside, SIGNED, MASKS, ValueError,
+     f"energy_inside: map 1 has negative values (down to {-0.5:.3g}), and the energy is of a "
+     "non-negative map: pass the maps after ReLU (Explanation.maps), or use relevance_mass, "
+     "which counts the positive part of a signed map"),
+], ids=["float masks", "mask size", "negative map"])
+def test_localisation_arguments(metric, maps, masks, error, text):
+    with pytest.raises(error) as exc:
+        metric(maps, masks)
+    assert message(exc) == text
+
+
+def test_relevance_mass_of_a_map_without_positive_values():
+    maps = torch.stack([MAPS[0], -MAPS[1]])
+    with pytest.warns(UserWarning) as record:
+        relevance_mass(maps, MASKS)
+    assert [str(w.message) for w in record] == [
+        "relevance_mass: map(s) 1 hold no positive value, so none of it lies on the object: they "
+        "score 0"
+    ]
+
+
+# --- heatlens/metrics/robustness.py -------------------------------------------------------------
+
+
+def summed(x: Tensor) -> Tensor:
+    """One score per image, ``(B,)``."""
+    return x.flatten(1).sum(dim=1)
+
+
+NAN_INPUTS = X.clone().index_fill(3, torch.tensor([2]), float("nan"))
+"""Every image holds NaN (column 2 of every row of every channel)."""
+ATTRIBUTIONS_5 = torch.zeros(2, 5)
+
+
+def gradcam_explanation(x: Tensor) -> heatlens.Explanation:
+    """An ``explain`` that forgets to take ``.maps`` of what it returns."""
+    return heatlens.explain(PooledHead().eval(), x, "gradcam", layer="conv", target=0)
+
+
+@pytest.mark.parametrize(("call", "error", "text"), [
+    (lambda: infidelity(summed, X, ATTRIBUTIONS_5), ValueError,
+     f"attributions have shape {tuple(ATTRIBUTIONS_5.shape)} but the inputs {tuple(X.shape)}: "
+     f"pass attributions of the inputs' shape or {(X.shape[0], *X.shape[2:])} (a map), at the "
+     "inputs' resolution (Explanation.attributions, or Explanation.maps)"),
+    (lambda: infidelity(summed, NAN_INPUTS, X), ValueError,
+     "images 0, 1: the inputs hold NaN or infinite values, so the metric would be NaN. Check "
+     "them, or replace them (torch.nan_to_num)"),
+    (lambda: infidelity(summed, X, X, target=0), ValueError,
+     "forward returns one score per input, (B,): target= chooses a column of (B, num_classes) "
+     "scores; leave it out"),
+    (lambda: infidelity(summed, X, X, perturb=5), TypeError,
+     "perturb must be a function (inputs, generator) -> (perturbation, perturbed_inputs), not "
+     "a int"),
+    (lambda: max_sensitivity(summed, X, perturb=5), TypeError,
+     "perturb must be a function (inputs, generator) -> perturbed_inputs, not a int"),
+    (lambda: max_sensitivity(gradcam_explanation, X, samples=1), TypeError,
+     "explain must return a tensor (B, ...), not a Explanation (return its .maps or "
+     ".attributions)"),
+], ids=["attributions shape", "nan inputs", "target for (B,)", "infidelity perturb",
+        "sensitivity perturb", "explanation returned"])
+def test_robustness_arguments(call, error, text):
+    with pytest.raises(error) as exc:
+        call()
+    assert message(exc) == text
+
+
+def test_max_sensitivity_of_zero_explanations():
+    with pytest.warns(UserWarning) as record:
+        max_sensitivity(lambda x: torch.zeros(x.shape[0], 3), X, samples=1)
+    assert [str(w.message) for w in record] == [
+        "the explanation of images 0, 1 is zero: max-sensitivity there is the absolute change "
+        "||Phi(y) - Phi(x)|| (Captum divides by 1 where ||Phi(x)|| = 0)"
+    ]
