@@ -620,3 +620,26 @@ def test_the_preconditioner_of_a_large_image_is_its_formula_written_out():
     expected = preconditioner_written_out(removed[0, 0].numpy() > 0, r[0, 0].numpy(), 8)
     np.testing.assert_allclose(multilevel_preconditioner(removed)(r)[0, 0].numpy(), expected,
                                rtol=1e-13, atol=1e-13)
+
+
+def test_the_inner_solver_stops_relative_to_its_right_hand_side():
+    """``_pcg`` stops when ``|b - 12 A d| <= goal |b|``: a relative test, so scaling ``b`` by
+    ``s`` scales ``d`` by ``s`` and takes the same iterations (conjugate gradients is linear in
+    ``b``); a threshold not proportional to ``|b|`` (``goal / |b|``) stops at another step.
+    The caller hands it unit-norm right-hand sides, so only a direct call shows this."""
+    from heatlens.metrics.imputation import _norm, _pcg, multilevel_preconditioner, tent
+
+    generator = torch.Generator().manual_seed(7)
+    removed = torch.rand(1, 1, 12, 12, generator=generator) < 0.6
+    inner = removed.float()
+    centre = tent(torch.ones(1, 1, 12, 12)).float()
+    b = torch.randn(1, 2, 12, 12, generator=generator) * inner
+    solve = {"minus": -inner, "centre": centre, "precondition": multilevel_preconditioner(inner)}
+    goal = torch.full((1, 2, 1, 1), 1e-3)
+    d, steps = _pcg(b, goal, 100, **solve)
+    for scale in (1e-2, 1e2):
+        scaled, scaled_steps = _pcg(b * scale, goal, 100, **solve)
+        assert scaled_steps == steps
+        torch.testing.assert_close(scaled, d * scale, rtol=1e-4, atol=1e-6 * scale)
+    residual = b - (tent(d).addcmul_(centre, d, value=-1).mul_(-inner))
+    assert bool((_norm(residual) <= goal * _norm(b)).all())
