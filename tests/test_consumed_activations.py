@@ -10,6 +10,7 @@ reads, so it catches a map taken before DenseNet's functional ReLU.
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -107,6 +108,9 @@ class Tail(nn.Module):
             return a
         if self.style == "torch.relu":
             return torch.relu(a)
+        if self.style == "F.relu after reading the shape":
+            assert a.shape[1] == a.size(1) == self.bn.num_features  # not a read of the values
+            return F.relu(a)
         if self.style == "F.gelu":
             return F.gelu(a)
         if self.style == "F.silu":
@@ -120,7 +124,8 @@ class Tail(nn.Module):
 
 
 STYLES = {"F.relu": "ReLU", "F.relu(inplace=True)": "ReLU", "x.relu_() unused": "ReLU",
-          "torch.relu": "ReLU", "F.gelu": "GELU", "F.silu": "SiLU"}
+          "torch.relu": "ReLU", "F.relu after reading the shape": "ReLU", "F.gelu": "GELU",
+          "F.silu": "SiLU"}
 X = torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(2))
 CLASSES = [0, 3, 1]
 
@@ -148,6 +153,27 @@ def test_every_functional_form_is_followed(style):
                                                    "activate"}
     assert not model._forward_hooks and not model.bn._forward_hooks
     assert torch._C._len_torch_function_stack() == 0
+
+
+class Keeping(Tail):
+    """``Tail`` with a functional ReLU that keeps the layer's output on itself, unread."""
+
+    def activate(self, a: torch.Tensor) -> torch.Tensor:
+        self.kept = a
+        return F.relu(a)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ablationcam"])
+def test_the_model_keeps_plain_tensors(method):
+    """The watch hands on an alias of the layer's output; once the call is over, what the model
+    keeps is a plain tensor again, with nothing of heatlens on it: the model still pickles."""
+    model = Keeping("F.relu").eval()
+    result = heatlens.explain(model, X, method, target=CLASSES, layer="bn")
+    assert result.details["followed_by"] == {"bn": "a functional ReLU in Keeping.activate"}
+    assert type(model.kept) is torch.Tensor and vars(model.kept) == {}
+    assert type(result.output) is torch.Tensor
+    again = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(again(X), model(X))
 
 
 def test_an_activation_module_is_a_layer_of_its_own():

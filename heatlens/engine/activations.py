@@ -7,12 +7,14 @@ before that ReLU. Explaining the module's output there is wrong: on a head of gl
 pooling and a linear layer, Grad-CAM of ``relu(A)`` equals CAM (Selvaraju et al., ICCV 2017,
 Sec. 3.1), Grad-CAM of ``A`` does not.
 
-:class:`FirstReads` finds these activations at run time, with no list of architectures: during
-one forward pass it watches the tensors that hooks hand on and, at the first operation that
-reads each one, calls the watcher back when that operation is one of :data:`ACTIVATIONS` called
-outside an activation module. An activation module (``nn.ReLU``, or any module without
-submodules that applies one) is a layer of its own, which the user can name; it is not
-followed. Operations that only read a tensor's shape or type do not count as reads.
+:class:`FirstReads` finds these activations at run time, with no list of architectures: a hook
+hands on, in place of each tensor it watches, an alias of it (the same values, the same autograd
+graph) whose first read comes to heatlens (a tensor subclass's ``__torch_function__``, so every
+other operation of the forward pass runs at full speed). When that first read is one of
+:data:`ACTIVATIONS` called outside an activation module, the watcher is called back. An
+activation module (``nn.ReLU``, or any module without submodules that applies one) is a layer of
+its own, which the user can name; it is not followed. Operations that only read a tensor's
+shape or type do not count as reads.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 ACTIVATIONS: dict[Any, str] = {
     **dict.fromkeys((torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu), "ReLU"),
@@ -48,19 +49,34 @@ _SKIPPED = tuple(str(Path(torch.__file__).parent / name)
                  for name in ("overrides.py", "nn/functional.py", "_tensor.py"))
 
 
-class FirstReads(TorchFunctionMode):
-    """While active on this thread, calls a :data:`Follower` where a watched tensor is first read
-    by a functional activation; any other first read ends the watch. See the module docstring.
-    """
+class FirstReads:
+    """Within the ``with`` block, calls a :data:`Follower` where a watched tensor is first read
+    by a functional activation; any other first read ends that tensor's watch. When the block
+    ends, every alias it handed on is a plain tensor again (nothing of heatlens stays with a
+    tensor the model keeps). See the module docstring."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self._watched: dict[int, tuple[Tensor, Follower]] = {}
         self._quiet = False
+        self._aliases: dict[int, _WatchedAlias] = {}
 
-    def watch(self, tensor: Tensor, follower: Follower) -> None:
-        """Watch ``tensor`` (one follower per tensor: a later call replaces an earlier one)."""
-        self._watched[id(tensor)] = (tensor, follower)
+    def __enter__(self) -> FirstReads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for alias in self._aliases.values():
+            alias.__class__ = Tensor
+            del alias.watch
+        self._aliases.clear()
+
+    def watch(self, tensor: Tensor, follower: Follower) -> Tensor:
+        """Watch ``tensor``: returns what to hand on in its place, an alias of it (``tensor``
+        itself when it is an alias this block made, its earlier follower replaced)."""
+        alias = self._aliases.get(id(tensor))
+        if alias is not tensor:
+            alias = tensor.as_subclass(_WatchedAlias)
+            self._aliases[id(alias)] = alias
+        alias.watch = (self, follower)
+        return alias
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
@@ -71,25 +87,36 @@ class FirstReads(TorchFunctionMode):
         finally:
             self._quiet = before
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+
+class _WatchedAlias(Tensor):
+    """An alias of a watched tensor, handed on in its place; ``watch`` is its
+    :class:`FirstReads` and follower until the first read (then ``None``). Every operation on
+    it returns plain tensors (an in-place one returns the alias itself)."""
+
+    watch: tuple[FirstReads, Follower] | None
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if not self._watched or self._quiet:
-            return func(*args, **kwargs)
-        read = [t for t in _tensors(args, kwargs) if self._watched.get(id(t), (None,))[0] is t]
-        if not read:
-            return func(*args, **kwargs)
-        if func in ACTIVATIONS and args and args[0] is read[0]:
-            where = _caller()
-            if where is not None:
-                _, follower = self._watched.pop(id(read[0]))
-                return follower(f"a functional {ACTIVATIONS[func]} in {where}",
-                                lambda: func(*args, **kwargs), read[0])
-        result = func(*args, **kwargs)
-        if isinstance(result, Tensor | tuple | list):  # not a shape, a type, a flag
-            for tensor in read:
-                self._watched.pop(id(tensor), None)
-        return result
+        with torch._C.DisableTorchFunctionSubclass():
+            read = [t for t in _tensors(args, kwargs)
+                    if isinstance(t, _WatchedAlias) and t.watch is not None]
+            if not read or read[0].watch[0]._quiet:
+                return func(*args, **kwargs)
+            if func in ACTIVATIONS and args and args[0] is read[0]:
+                where = _caller()
+                if where is not None:
+                    _, follower = read[0].watch
+                    read[0].watch = None
+                    return follower(f"a functional {ACTIVATIONS[func]} in {where}",
+                                    lambda: func(*args, **kwargs), read[0])
+            result = func(*args, **kwargs)
+            if isinstance(result, Tensor | list) or (isinstance(result, tuple)
+                                                     and not isinstance(result, torch.Size)):
+                for tensor in read:  # a read (not a shape, a type, a flag)
+                    tensor.watch = None
+            return result
 
 
 def _tensors(args: tuple, kwargs: dict) -> Iterator[Tensor]:

@@ -100,9 +100,7 @@ def forward_with_capture(
                 recorded[name] = output
                 followers.pop(name, None)
                 passed = output.clone()
-            if reads is not None:
-                reads.watch(passed, follow(name))
-            return passed
+            return passed if reads is None else reads.watch(passed, follow(name))
 
         return hook
 
@@ -167,9 +165,8 @@ def output_replaced(module: nn.Module, value: Tensor, *, followed: bool = False
             return None
         if reads is None:
             return value
-        passed = value.clone()  # an in-place activation must not touch `value`
-        reads.watch(passed, lambda how, run, watched: watched)
-        return passed
+        # a clone: an in-place activation must not touch `value`
+        return reads.watch(value.clone(), lambda how, run, watched: watched)
 
     with forward_hooks([(module, hook)]), reads if reads is not None else nullcontext():
         yield

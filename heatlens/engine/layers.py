@@ -136,12 +136,14 @@ def _probe(model: nn.Module, sample: Tensor) -> _Probe:
         return run()
 
     def make_hook(name: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def hook(module: nn.Module, args: Any, output: Any) -> Tensor | None:
             with reads.quiet():
                 if _is_spatial(output, x) or (
                         isinstance(output, Tensor) and infer_layout(model, output, x) is not None):
-                    finished.append((name, module, output, bool(args) and args[0] is x))
-                    reads.watch(output, note)
+                    watched = reads.watch(output, note)
+                    finished.append((name, module, watched, bool(args) and args[0] is x))
+                    return watched
+                return None
 
         return hook
 
