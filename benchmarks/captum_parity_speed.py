@@ -4,7 +4,9 @@ One process, CPU; heatlens and Captum each on their own deep copy of one seeded 
 mode. Every case first checks that both give the same attribution (the largest difference,
 relative to the attribution's largest magnitude, is printed), then times both, alternating
 (best and median of ``--repeats`` runs each), and prints ``captum / heatlens`` of the best
-times (above 1: heatlens is faster).
+times (above 1: heatlens is faster). LayerGradientXActivation is also written by hand (a forward
+hook and one ``torch.autograd.grad``: the least work there is), timed in the same rounds, whose
+``floor / heatlens`` says how close both come to it.
 
 ``--memory`` instead runs each case's two calls once, each in a fresh subprocess, and prints the
 peak resident memory each adds (``getrusage``'s peak after the call minus the resident memory
@@ -30,7 +32,9 @@ each of its batches whole (all steps or samples at once), whatever memory that t
 Both sides compute the same outputs: heatlens returns the completeness delta
 (``details["convergence_delta"]``) with every GradientSHAP and layer path attribution, so Captum
 is asked for it too (``return_convergence_delta=True``, which costs it a forward pass over the
-inputs and baselines). ``--no-delta`` times Captum without it (less work than heatlens does).
+inputs and baselines). ``--no-delta`` times both without it: Captum's default, and heatlens's
+GradientSHAP with ``delta=False`` (no forward pass over the references; the layer path methods
+keep theirs, a pass over the images and one baseline).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ OPTIONS: dict[str, int] = {}
 """Options every heatlens call gets (``memory_budget``)."""
 DELTA: dict[str, bool] = {"return_convergence_delta": True}
 """What Captum's path methods are asked for besides the attributions (``--no-delta``: nothing)."""
+GRADIENT_SHAP: dict[str, bool] = {}
+"""heatlens's GradientSHAP options besides the case's (``--no-delta``: ``delta=False``)."""
 
 
 def explain(*args: object, **kwargs: object) -> heatlens.Explanation:
@@ -109,6 +115,8 @@ class Case:
     theirs: Callable[[], Tensor]
     model: nn.Module | None = None
     """heatlens's model (its passes are counted by ``--memory``)."""
+    floor: Callable[[], Tensor] | None = None
+    """The same attributions written by hand with the least work (timed alongside)."""
 
 
 def cases() -> dict[str, Callable[[], Case]]:
@@ -138,7 +146,8 @@ def cases() -> dict[str, Callable[[], Case]]:
         theirs = attr.GradientShap(copy.deepcopy(model))
         return Case("GradientShap, resnet18, batch 2, 112 px, 20 samples, stdev 0.1",
                     lambda: explain(model, x, "gradient_shap", target=3, baseline=refs,
-                                             samples=20, stdev=0.1, seed=4, draws="captum").raw,
+                                             samples=20, stdev=0.1, seed=4, draws="captum",
+                                             **GRADIENT_SHAP).raw,
                     captum_seeded(lambda: first(theirs.attribute(
                         x, baselines=refs, target=3, n_samples=20, stdevs=0.1, **DELTA)), 4),
                     model)
@@ -154,9 +163,22 @@ def cases() -> dict[str, Callable[[], Case]]:
                         + ("" if steps is None else f", {steps} steps"),
                         lambda: explain(model, x, method, target=3, layer="layer3",
                                                  **ours_options).raw_by_layer["layer3"],
-                        lambda: first(theirs.attribute(x, target=3, **theirs_options)), model)
+                        lambda: first(theirs.attribute(x, target=3, **theirs_options)), model,
+                        None if steps is not None else lambda: by_hand(other, x))
 
         return build
+
+    def by_hand(model: nn.Module, x: Tensor) -> Tensor:
+        """Gradient x activation at ``layer3`` with a forward hook and one
+        ``torch.autograd.grad``: one forward pass and a backward pass down to the layer."""
+        kept: list[Tensor] = []
+        hook = model.layer3.register_forward_hook(lambda module, args, out: kept.append(out))
+        try:
+            score = model(x)[:, 3].sum()
+        finally:
+            hook.remove()
+        (grad,) = torch.autograd.grad(score, kept[0])
+        return grad * kept[0]
 
     def surrogate(method: str, captum_cls: str) -> Callable[[], Case]:
         def build() -> Case:
@@ -244,7 +266,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=0, help="heatlens memory_budget, MiB")
     parser.add_argument("--memory", action="store_true", help="peak memory instead of time")
     parser.add_argument("--no-delta", action="store_true",
-                        help="Captum's path methods without the convergence delta heatlens returns")
+                        help="without the convergence delta (Captum's default; heatlens's "
+                             "GradientSHAP with delta=False)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's own); one thread is the least "
                              "disturbed by other work on a loaded machine")
@@ -254,6 +277,7 @@ def main() -> None:
         OPTIONS["memory_budget"] = args.budget << 20
     if args.no_delta:
         DELTA.clear()
+        GRADIENT_SHAP["delta"] = False
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -273,12 +297,15 @@ def main() -> None:
         ours, theirs = case.ours(), case.theirs()  # also warms both up
         diff = float((ours - theirs.detach()).abs().max() / theirs.detach().abs().max())
         # alternate the two, so that a change of the machine's load falls on both
-        rounds = [(best_and_median(case.ours, 1)[0], best_and_median(case.theirs, 1)[0])
-                  for _ in range(args.repeats)]
-        mine, anchor = (sorted(times) for times in zip(*rounds, strict=True))
+        sides = [case.ours, case.theirs] + ([case.floor] if case.floor else [])
+        rounds = [[best_and_median(side, 1)[0] for side in sides] for _ in range(args.repeats)]
+        mine, anchor, *floor = (sorted(times) for times in zip(*rounds, strict=True))
         middle = len(rounds) // 2
         print(f"{case.name:<66} {diff:>9.1e} {mine[0]:>7.3f} {mine[middle]:>7.3f} "
               f"{anchor[0]:>7.3f} {anchor[middle]:>7.3f} {anchor[0] / mine[0]:>6.2f}")
+        if floor:
+            print(f"{'  by hand (a forward hook, one autograd.grad): floor / heatlens':<76}"
+                  f"{floor[0][0]:>7.3f} {floor[0][middle]:>7.3f} {floor[0][0] / mine[0]:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,23 @@ def test_gradient_shap_passes_are_equal_and_within_the_budget(small):
     torch.testing.assert_close(chunked[0].raw, whole.raw)
 
 
+def test_gradient_shap_without_the_delta_skips_the_references(small):
+    """``delta=False``: the first pass runs over the images alone (not the images and the
+    references), the attributions are the same, and no delta is reported."""
+    model, x, targets = small
+    references = 0.3 * torch.randn(5, *x.shape[1:], generator=torch.Generator().manual_seed(4))
+    options = {"target": targets, "baseline": references, "samples": 3, "seed": 2}
+    heatlens.explain(model, x, "gradient_shap", **options)  # measures a pass's memory, once
+    runs = {}
+    sizes = {delta: batch_sizes(model, lambda d=delta: runs.__setitem__(d, heatlens.explain(
+        model, x, "gradient_shap", delta=d, **options))) for delta in (True, False)}
+    assert sizes == {True: [len(x) + 5, 3 * len(x)], False: [len(x), 3 * len(x)]}
+    assert runs[False].raw.equal(runs[True].raw)
+    assert runs[False].scores.equal(runs[True].scores)
+    assert "convergence_delta" not in runs[False].details
+    assert runs[True].details["convergence_delta"].shape == (len(x),)
+
+
 @pytest.mark.parametrize(("method", "passes"), [("layer_integrated_gradients", [4, 6, 6]),
                                                  ("layer_conductance", [6, 6, 6])])
 def test_layer_path_chunks_are_equal_and_within_the_budget(small, method, passes):

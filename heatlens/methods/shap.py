@@ -72,7 +72,10 @@ class GradientShap(OnePassAttribution):
 
     Its expectation is the integrated gradients of each reference, averaged over the references
     (SHAP values of the linearised model); ``details["convergence_delta"]`` is
-    ``sum A - (y_c(x) - mean_k y_c(x'_k))`` per image, which shrinks as samples grow.
+    ``sum A - (y_c(x) - mean_k y_c(x'_k))`` per image, which shrinks as samples grow. It costs a
+    forward pass over the ``K`` references (in the pass over the inputs that finds the classes
+    and scores); ``delta=False`` skips it, and the delta (as Captum by default): worth it when
+    ``K`` is large, as a background set of a hundred images is.
 
     ``draws="heatlens"``: sample ``s`` (its reference, point and noise) comes from ``seed`` and
     ``s`` alone, so it is the same for every image and independent of chunking.
@@ -87,7 +90,8 @@ class GradientShap(OnePassAttribution):
 
     def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *,
                  baseline: str | Tensor = "zeros", samples: int = 5, stdev: float = 0.0,
-                 seed: int = 0, draws: str = "heatlens", **options: Any) -> None:
+                 seed: int = 0, draws: str = "heatlens", delta: bool = True,
+                 **options: Any) -> None:
         super().__init__(model, layer, **options)
         if isinstance(baseline, str) and baseline != "zeros":
             raise ValueError(f"baseline must be 'zeros' or a tensor (K, C, *spatial) of "
@@ -97,7 +101,7 @@ class GradientShap(OnePassAttribution):
         if samples < 1 or stdev < 0:
             raise ValueError(f"need samples >= 1 and stdev >= 0, got {samples} and {stdev}")
         self.baseline, self.samples, self.stdev = baseline, samples, stdev
-        self.seed, self.draws = seed, draws
+        self.seed, self.draws, self.delta = seed, draws, delta
 
     def fits_one_pass(self, x: Tensor) -> bool:
         return True  # the first pass is one forward pass over the inputs and references
@@ -107,11 +111,12 @@ class GradientShap(OnePassAttribution):
                       else reference_distribution(self.baseline, x))
         batch, count = x.shape[0], references.shape[0]
         with torch.no_grad():
-            both = self.model(torch.cat([x, references]))
-            output = both[:batch] if isinstance(both, Tensor) else self.model(x)
+            if self.delta:
+                both = self.model(torch.cat([x, references]))
+                output = both[:batch] if isinstance(both, Tensor) else self.model(x)
+            else:
+                output = self.model(x)
             classes, scores = classes_and_scores(output, target, classes, batch)
-            start = torch.stack([target.score(both, c.expand(batch + count))[batch:].mean()
-                                 for c in classes])
         draws = Draws(self.draws, self.seed, self.samples, batch, count, self.stdev, x)
 
         def points(chunk: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,9 +134,13 @@ class GradientShap(OnePassAttribution):
                 sums.index_add_(0, chunk // self.samples, spans * grads)
                 bar.update(chunk.numel())
         attributions = sums / self.samples
-        delta = attributions.flatten(1).sum(1) - (scores - start)
-        return PassResult(attributions, output, classes, scores,
-                          {"convergence_delta": delta, "baseline": references})
+        details: dict[str, Tensor] = {"baseline": references}
+        if self.delta:
+            with torch.no_grad():
+                start = torch.stack([target.score(both, c.expand(batch + count))[batch:].mean()
+                                     for c in classes])
+            details["convergence_delta"] = attributions.flatten(1).sum(1) - (scores - start)
+        return PassResult(attributions, output, classes, scores, details)
 
     def _rows_per_chunk(self, x: Tensor) -> int:
         """How many drawn inputs one gradient pass holds within the memory budget: what its
