@@ -57,8 +57,9 @@ def entered(model: nn.Module, inputs: Any, *, output: OutputKey | None = None
             ) -> Iterator[Tensor]:
     """Check ``inputs`` and yield them as a batch to explain ``model`` on (steps 2 to 4)."""
     x = as_batch(inputs, model)
-    warn_if_training(model)
-    with buffers_kept(model), torch.inference_mode(False), output_selected(model, output):
+    training = warn_if_training(model)
+    with buffers_kept(model, training), torch.inference_mode(False), \
+            output_selected(model, output):
         yield x.clone() if x.is_inference() else x
 
 
@@ -132,11 +133,12 @@ def _check_finite(inputs: Tensor) -> None:
         )
 
 
-def warn_if_training(model: nn.Module) -> None:
-    """Warn, naming them, when the model or any of its modules is in training mode."""
+def warn_if_training(model: nn.Module) -> bool:
+    """Warn, naming them, when the model or any of its modules is in training mode; whether
+    any is."""
+    if not any(module.training for module in model.modules()):
+        return False
     training = [name for name, module in model.named_modules() if module.training]
-    if not training:
-        return
     if training[0] == "":
         what = "the model is in training mode"
     else:
@@ -150,6 +152,7 @@ def warn_if_training(model: nn.Module) -> None:
         "the rest of the batch); call model.eval() before explaining. heatlens leaves the modes "
         "as they are."
     )
+    return True
 
 
 def _parents(name: str) -> Iterator[str]:
@@ -158,13 +161,14 @@ def _parents(name: str) -> Iterator[str]:
 
 
 @contextmanager
-def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer of the model afterwards when any module is in training mode.
+def buffers_kept(model: nn.Module, training: bool | None = None) -> Iterator[None]:
+    """Restore every buffer of the model afterwards when any module is in training mode
+    (``training``, when the caller knows it already; ``None``: look).
 
     A forward pass in training mode updates batch-norm running statistics; explaining must not.
     In eval mode nothing is copied.
     """
-    if not any(m.training for m in model.modules()):
+    if not (any(m.training for m in model.modules()) if training is None else training):
         yield
         return
     saved = [(b, b.detach().clone()) for b in model.buffers()]
