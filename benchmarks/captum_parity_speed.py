@@ -4,9 +4,10 @@ One process, CPU; heatlens and Captum each on their own deep copy of one seeded 
 mode. Every case first checks that both give the same attribution (the largest difference,
 relative to the attribution's largest magnitude, is printed), then times both, alternating
 (best and median of ``--repeats`` runs each), and prints ``captum / heatlens`` of the best
-times (above 1: heatlens is faster). LayerGradientXActivation is also written by hand (a forward
-hook and one ``torch.autograd.grad``: the least work there is), timed in the same rounds, whose
-``floor / heatlens`` says how close both come to it.
+times and of the medians (above 1: heatlens is faster; where both do the same work, the two
+differ by the machine's noise, a few percent either way). LayerGradientXActivation is also
+written by hand (a forward hook and one ``torch.autograd.grad``: the least work there is), timed
+in the same rounds, whose ``floor / heatlens`` says how close both come to it.
 
 ``--memory`` instead runs each case's two calls once, each in a fresh subprocess, and prints the
 peak resident memory each adds (``getrusage``'s peak after the call minus the resident memory
@@ -152,14 +153,15 @@ def cases() -> dict[str, Callable[[], Case]]:
                         x, baselines=refs, target=3, n_samples=20, stdevs=0.1, **DELTA)), 4),
                     model)
 
-    def layer_case(method: str, captum_cls: str, steps: int | None) -> Callable[[], Case]:
+    def layer_case(method: str, captum_cls: str, steps: int | None, size: int = 112
+                   ) -> Callable[[], Case]:
         def build() -> Case:
-            model, x = seeded(torchvision.models.resnet18), images(2, 112)
+            model, x = seeded(torchvision.models.resnet18), images(2, size)
             other = copy.deepcopy(model)
             theirs = getattr(attr, captum_cls)(other, other.layer3)
             ours_options = {} if steps is None else {"steps": steps}
             theirs_options = {} if steps is None else {"n_steps": steps, **DELTA}
-            return Case(f"{captum_cls}, resnet18 layer3, batch 2, 112 px"
+            return Case(f"{captum_cls}, resnet18 layer3, batch 2, {size} px"
                         + ("" if steps is None else f", {steps} steps"),
                         lambda: explain(model, x, method, target=3, layer="layer3",
                                                  **ours_options).raw_by_layer["layer3"],
@@ -209,6 +211,8 @@ def cases() -> dict[str, Callable[[], Case]]:
         "deeplift_shap": deeplift_shap, "gradient_shap": gradient_shap,
         "layer_gradient_x_activation": layer_case("layer_gradient_x_activation",
                                                   "LayerGradientXActivation", None),
+        "layer_gradient_x_activation_224": layer_case("layer_gradient_x_activation",
+                                                      "LayerGradientXActivation", None, 224),
         "layer_integrated_gradients": layer_case("layer_integrated_gradients",
                                                  "LayerIntegratedGradients", 50),
         "layer_conductance": layer_case("layer_conductance", "LayerConductance", 50),
@@ -290,8 +294,9 @@ def main() -> None:
     budget = f"{args.budget} MiB" if args.budget else "default (256 MiB)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; heatlens memory "
           f"budget {budget}; best and median of {args.repeats} runs, in seconds; "
-          "ratio = captum / heatlens (best)")
-    print(f"{'case':<66} {'rel diff':>9} {'heatlens':>15} {'captum':>15} {'ratio':>6}")
+          "ratio = captum / heatlens (best; median)")
+    print(f"{'case':<66} {'rel diff':>9} {'heatlens':>15} {'captum':>15} {'ratio':>6} "
+          f"{'median':>6}")
     for key in chosen:
         case = cases()[key]()
         ours, theirs = case.ours(), case.theirs()  # also warms both up
@@ -302,10 +307,12 @@ def main() -> None:
         mine, anchor, *floor = (sorted(times) for times in zip(*rounds, strict=True))
         middle = len(rounds) // 2
         print(f"{case.name:<66} {diff:>9.1e} {mine[0]:>7.3f} {mine[middle]:>7.3f} "
-              f"{anchor[0]:>7.3f} {anchor[middle]:>7.3f} {anchor[0] / mine[0]:>6.2f}")
+              f"{anchor[0]:>7.3f} {anchor[middle]:>7.3f} {anchor[0] / mine[0]:>6.2f} "
+              f"{anchor[middle] / mine[middle]:>6.2f}")
         if floor:
             print(f"{'  by hand (a forward hook, one autograd.grad): floor / heatlens':<76}"
-                  f"{floor[0][0]:>7.3f} {floor[0][middle]:>7.3f} {floor[0][0] / mine[0]:>6.2f}")
+                  f"{floor[0][0]:>7.3f} {floor[0][middle]:>7.3f} {floor[0][0] / mine[0]:>6.2f} "
+                  f"{floor[0][middle] / mine[middle]:>6.2f}")
 
 
 if __name__ == "__main__":
