@@ -294,6 +294,8 @@ def test_gradient_shap_without_the_delta_skips_the_references(small):
     assert runs[False].scores.equal(runs[True].scores)
     assert "convergence_delta" not in runs[False].details
     assert runs[True].details["convergence_delta"].shape == (len(x),)
+    with pytest.raises(TypeError, match=r"^delta must be True or False, not 'no'$"):
+        heatlens.explain(model, x, "gradient_shap", delta="no", **options)
 
 
 @pytest.mark.parametrize(("method", "passes"), [("layer_integrated_gradients", [4, 6, 6]),

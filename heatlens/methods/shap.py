@@ -98,6 +98,8 @@ class GradientShap(OnePassAttribution):
                              f"references, not {baseline!r}")
         if draws not in DRAWS:
             raise ValueError(f"draws must be one of {DRAWS}, not {draws!r}")
+        if not isinstance(delta, bool):
+            raise TypeError(f"delta must be True or False, not {delta!r}")
         if samples < 1 or stdev < 0:
             raise ValueError(f"need samples >= 1 and stdev >= 0, got {samples} and {stdev}")
         self.baseline, self.samples, self.stdev = baseline, samples, stdev
